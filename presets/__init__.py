@@ -1,0 +1,1 @@
+"""Architecture presets shipped with slimadam-hf (YAML files in this folder)."""

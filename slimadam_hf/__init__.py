@@ -1,0 +1,34 @@
+"""slimadam-hf: SlimAdam (AdamW with compressed second moments) for the Hugging Face stack."""
+
+from .compress_spec import CompressSpec, CompressSpecError
+from .factory import build_slimadam, decay_parameter_names, slimadam_param_groups
+from .layouts import Layout, register_layout
+from .optimizer import SlimAdamW
+from .plan import CompressionPlan, PartPlan, PlanEntry, plan_compression
+from .presets import Preset, PresetError, available_presets, load_overrides, load_preset
+from .roles import DEFAULT_RULES, ROLES, RuleError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressSpec",
+    "CompressSpecError",
+    "CompressionPlan",
+    "DEFAULT_RULES",
+    "Layout",
+    "PartPlan",
+    "PlanEntry",
+    "Preset",
+    "PresetError",
+    "ROLES",
+    "RuleError",
+    "SlimAdamW",
+    "available_presets",
+    "build_slimadam",
+    "decay_parameter_names",
+    "load_overrides",
+    "load_preset",
+    "plan_compression",
+    "register_layout",
+    "slimadam_param_groups",
+]

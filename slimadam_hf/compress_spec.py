@@ -1,0 +1,196 @@
+"""Compress specs: how one parameter's second moment is averaged.
+
+A spec is one of
+
+* ``None``: full second moment, exactly AdamW;
+* a tuple of dims, e.g. ``(1,)``: ``v`` is averaged over those dims (kept with size 1);
+* a split spec for fused weights, a plain dict
+  ``{"split_dim": 0, "sizes": [q, k, v], "dims": [[1], [1], [0]]}``: the tensor is cut along
+  ``split_dim`` into parts of ``sizes``, and each part has its own dims (a list, or ``None``).
+
+Specs live in optimizer param groups, so they hold only plain Python types and never empty
+containers (``torch.load(weights_only=True)`` and FSDP2 full-state-dict loading must round-trip them).
+The second moment of a split parameter is one flat float32 tensor holding every part's compressed
+moment, one after the other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import torch
+
+Dims = tuple[int, ...]
+SplitSpec = dict[str, Any]
+CompressSpec = Union[None, Dims, SplitSpec]
+
+SPLIT_KEYS = ("split_dim", "sizes", "dims")
+
+
+class CompressSpecError(ValueError):
+    """A compress spec that does not fit its parameter."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One independently compressed piece of a parameter: the whole tensor, or one part of a split."""
+
+    split_dim: int | None
+    offset: int
+    size: int
+    dims: Dims | None
+    v_offset: int
+    v_shape: tuple[int, ...]
+
+    @property
+    def v_numel(self) -> int:
+        return math.prod(self.v_shape)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This segment's slice of a parameter-shaped tensor (param, grad or first moment)."""
+        if self.split_dim is None:
+            return tensor
+        return tensor.narrow(self.split_dim, self.offset, self.size)
+
+    def second_moment_view(self, exp_avg_sq: torch.Tensor) -> torch.Tensor:
+        """This segment's compressed second moment, inside the parameter's ``exp_avg_sq``."""
+        if self.split_dim is None:
+            return exp_avg_sq
+        return exp_avg_sq.narrow(0, self.v_offset, self.v_numel).view(self.v_shape)
+
+
+def _normalize_dims(dims: Any, name: str) -> Dims | None:
+    if dims is None:
+        return None
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = (dims,)
+    if not isinstance(dims, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in dims
+    ):
+        raise CompressSpecError(
+            f"parameter {name!r}: compress dims must be None or a list of ints, got {dims!r}"
+        )
+    if len(dims) == 0:
+        raise CompressSpecError(
+            f"parameter {name!r}: compress dims must not be empty; use None for a full second moment"
+        )
+    return tuple(sorted(set(int(d) for d in dims)))
+
+
+def normalize_spec(spec: Any, name: str = "?") -> CompressSpec:
+    """Canonical form of a spec: lists become tuples of sorted dims; a split keeps plain lists.
+
+    Accepts what a checkpoint round trip can produce (tuples turned into lists).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        unknown = set(spec) - set(SPLIT_KEYS)
+        missing = [k for k in SPLIT_KEYS if k not in spec]
+        if unknown or missing:
+            raise CompressSpecError(
+                f"parameter {name!r}: a split spec needs exactly the keys {list(SPLIT_KEYS)}; "
+                f"missing {missing}, unknown {sorted(unknown)}"
+            )
+        sizes = [int(s) for s in spec["sizes"]]
+        part_dims = [_normalize_dims(d, name) for d in spec["dims"]]
+        if len(sizes) != len(part_dims) or not sizes:
+            raise CompressSpecError(
+                f"parameter {name!r}: split spec has {len(sizes)} sizes but {len(part_dims)} dims entries"
+            )
+        return {
+            "split_dim": int(spec["split_dim"]),
+            "sizes": sizes,
+            "dims": [None if d is None else list(d) for d in part_dims],
+        }
+    return _normalize_dims(spec, name)
+
+
+def specs_equal(a: Any, b: Any) -> bool:
+    """Whether two specs mean the same compression (list vs tuple and dim order ignored)."""
+    return normalize_spec(a) == normalize_spec(b)
+
+
+def _check_dims(dims: Dims, ndim: int, name: str, what: str) -> None:
+    bad = [d for d in dims if not -ndim <= d < ndim]
+    if bad:
+        raise CompressSpecError(
+            f"parameter {name!r}: {what} dims {list(dims)} out of range for a {ndim}-D tensor "
+            f"(valid dims are 0..{ndim - 1}); fix the rule or the explicit dims for this parameter"
+        )
+
+
+def _positive(dims: Dims, ndim: int) -> Dims:
+    return tuple(sorted(d % ndim for d in dims))
+
+
+def _reduced_shape(shape: Sequence[int], dims: Dims | None) -> tuple[int, ...]:
+    if dims is None:
+        return tuple(shape)
+    return tuple(1 if i in dims else s for i, s in enumerate(shape))
+
+
+def segments(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> list[Segment]:
+    """Validate ``spec`` against a parameter ``shape`` and cut it into segments."""
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    spec = normalize_spec(spec, name)
+    if not isinstance(spec, dict):
+        if spec is not None:
+            _check_dims(spec, ndim, name, "compress")
+            spec = _positive(spec, ndim)
+        return [Segment(None, 0, shape[0] if shape else 1, spec, 0, _reduced_shape(shape, spec))]
+
+    split_dim = spec["split_dim"]
+    _check_dims((split_dim,), ndim, name, "split")
+    split_dim %= ndim
+    if sum(spec["sizes"]) != shape[split_dim]:
+        raise CompressSpecError(
+            f"parameter {name!r}: split sizes {spec['sizes']} add up to {sum(spec['sizes'])}, but dim "
+            f"{split_dim} of shape {list(shape)} has {shape[split_dim]}; the part sizes come from the "
+            f"model config, check the preset's split for this parameter"
+        )
+    result, offset, v_offset = [], 0, 0
+    for size, dims in zip(spec["sizes"], spec["dims"]):
+        if dims is not None:
+            _check_dims(tuple(dims), ndim, name, "split part")
+            dims = _positive(tuple(dims), ndim)
+        part_shape = shape[:split_dim] + (size,) + shape[split_dim + 1 :]
+        v_shape = _reduced_shape(part_shape, dims)
+        result.append(Segment(split_dim, offset, size, dims, v_offset, v_shape))
+        offset += size
+        v_offset += math.prod(v_shape)
+    return result
+
+
+def second_moment_shape(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> tuple[int, ...]:
+    """Shape of ``exp_avg_sq`` for a parameter of ``shape`` under ``spec``."""
+    segs = segments(spec, shape, name)
+    if segs[0].split_dim is None:
+        return segs[0].v_shape
+    return (sum(s.v_numel for s in segs),)
+
+
+def second_moment_numel(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> int:
+    """How many second-moment entries a parameter keeps."""
+    return math.prod(second_moment_shape(spec, shape, name))
+
+
+def compress_second_moment(
+    full: torch.Tensor, spec: CompressSpec, name: str = "?"
+) -> torch.Tensor:
+    """Average a full, parameter-shaped second moment down to ``spec`` (float32).
+
+    Used to switch a run from AdamW to SlimAdamW, or to compress in place after an SNR probe.
+    """
+    full = full.float()
+    segs = segments(spec, full.shape, name)
+    averaged = [
+        seg.view(full) if seg.dims is None else seg.view(full).mean(dim=seg.dims, keepdim=True)
+        for seg in segs
+    ]
+    if segs[0].split_dim is None:
+        return averaged[0].clone()
+    return torch.cat([piece.reshape(-1) for piece in averaged])

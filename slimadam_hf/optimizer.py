@@ -1,0 +1,248 @@
+"""``SlimAdamW``: AdamW whose second moment is averaged over chosen dims of each parameter."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .compress_spec import (
+    CompressSpec,
+    CompressSpecError,
+    Segment,
+    compress_second_moment,
+    normalize_spec,
+    second_moment_shape,
+    segments,
+)
+from .functional import slimadamw
+
+logger = logging.getLogger(__name__)
+
+
+def _as_float(value: float | Tensor) -> float:
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+class SlimAdamW(Optimizer):
+    """AdamW with compressed second moments (SlimAdam, Kalra et al. 2025).
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs, or param groups (dicts). A group may carry
+            ``compress``: a list aligned with its ``params`` whose entries are ``None`` (full second
+            moment), a tuple of dims to average the second moment over, or a split spec dict for fused
+            weights (see :mod:`slimadam_hf.compress_spec`). Groups without ``compress`` are not
+            compressed. :func:`slimadam_hf.build_slimadam` fills this in from a model.
+        lr: learning rate (a float or a 0-D tensor).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator, outside the square root, as in AdamW.
+        weight_decay: decoupled weight decay, as in AdamW.
+        foreach: ``True``/``None`` use the batched multi-tensor implementation, ``False`` the plain
+            per-tensor reference.
+
+    With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
+    State per parameter: ``step``, ``exp_avg`` (parameter shape and dtype) and ``exp_avg_sq``
+    (float32, compressed), created lazily on the first ``step()``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"Invalid learning rate (lr): a tensor lr must have one element, got {lr.shape}")
+        if not 0.0 <= _as_float(lr):
+            raise ValueError(f"Invalid learning rate (lr): {_as_float(lr)}; it must be >= 0")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value (eps): {eps}; it must be >= 0")
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: expected two values, got {betas!r}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= _as_float(beta) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i} (betas[{i}]): {beta}; it must be in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value (weight_decay): {weight_decay}; it must be >= 0")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    # -- param groups -----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        compress = param_group.get("compress")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        n = len(group["params"])
+        if compress is None:
+            group.pop("compress", None)
+            return
+        compress = list(compress)
+        if len(compress) != n:
+            raise ValueError(
+                f"param group 'compress' has {len(compress)} entries but the group has {n} params; "
+                "give one spec (None, dims or split dict) per parameter"
+            )
+        names = group.get("param_names") or [f"params[{i}]" for i in range(n)]
+        specs = [normalize_spec(spec, name) for spec, name in zip(compress, names)]
+        for p, spec, name in zip(group["params"], specs, names):
+            if spec is not None and p.dim() < 2:
+                raise CompressSpecError(
+                    f"parameter {name!r} is {p.dim()}-D; 1-D tensors (norms, biases) are never "
+                    "compressed, give None for it"
+                )
+            segments(spec, p.shape, name)
+        if any(spec is not None for spec in specs):
+            group["compress"] = specs
+        else:
+            group.pop("compress", None)
+
+    def _group_specs(self, group: dict[str, Any]) -> list[CompressSpec]:
+        return group.get("compress") or [None] * len(group["params"])
+
+    def _param_name(self, group: dict[str, Any], index: int) -> str:
+        names = group.get("param_names")
+        return names[index] if names else f"params[{index}] of group {self.param_groups.index(group)}"
+
+    # -- step -------------------------------------------------------------------------------------
+
+    def _init_state(self, p: Tensor, spec: CompressSpec, name: str) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros(
+                second_moment_shape(spec, p.shape, name), dtype=torch.float32, device=p.device
+            )
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            param_segments: list[list[Segment]] = []
+            for i, (p, spec) in enumerate(zip(group["params"], self._group_specs(group))):
+                if p.grad is None:
+                    continue
+                name = self._param_name(group, i)
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"SlimAdamW does not support sparse gradients (parameter {name!r}); "
+                        "use dense gradients, e.g. nn.Embedding(sparse=False)"
+                    )
+                state = self._init_state(p, spec, name)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+                param_segments.append(segments(spec, p.shape, name))
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            slimadamw(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                param_segments,
+                foreach=group["foreach"] is not False,
+                lr=_as_float(group["lr"]),
+                beta1=_as_float(beta1),
+                beta2=_as_float(beta2),
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+        return loss
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a SlimAdamW (or AdamW) state dict.
+
+        The saved compress specs must match the live ones; a mismatch raises an error naming the
+        parameter. An AdamW state dict (no ``compress`` in its groups, full ``exp_avg_sq``) is converted
+        by averaging each second moment over the live spec's dims. Second moments stay float32.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} param groups, this SlimAdamW has "
+                f"{len(self.param_groups)}"
+            )
+        second_moments: dict[Any, Tensor] = {}
+        state = {k: dict(v) for k, v in state_dict["state"].items()}
+        converted = 0
+        for live, saved in zip(self.param_groups, saved_groups):
+            live_specs = self._group_specs(live)
+            from_adamw = "amsgrad" in saved  # a torch.optim.AdamW group
+            saved_specs = saved.get("compress") or [None] * len(saved["params"])
+            if len(saved["params"]) != len(live["params"]):
+                raise ValueError(
+                    f"loaded param group has {len(saved['params'])} params, the live one has "
+                    f"{len(live['params'])}"
+                )
+            for i, (key, p) in enumerate(zip(saved["params"], live["params"])):
+                name = self._param_name(live, i)
+                live_spec = normalize_spec(live_specs[i], name)
+                saved_spec = normalize_spec(saved_specs[i], name)
+                v = state.get(key, {}).pop("exp_avg_sq", None)
+                if v is None:
+                    continue
+                if live_spec != saved_spec:
+                    if from_adamw and tuple(v.shape) == tuple(p.shape):
+                        v = compress_second_moment(v, live_spec, name)
+                        converted += 1
+                    else:
+                        raise ValueError(
+                            f"checkpoint does not match the compression plan for parameter {name!r}: "
+                            f"saved compress spec {saved_spec!r}, live spec {live_spec!r}. Load it with "
+                            "the preset/overrides it was trained with, or start the optimizer fresh."
+                        )
+                expected = second_moment_shape(live_spec, p.shape, name)
+                if tuple(v.shape) != tuple(expected):
+                    raise ValueError(
+                        f"checkpoint exp_avg_sq for parameter {name!r} has shape {list(v.shape)}, "
+                        f"expected {list(expected)} for compress spec {live_spec!r}"
+                    )
+                second_moments[key] = v
+        if converted:
+            logger.info(
+                "SlimAdamW: converted %d full AdamW second moments by averaging over the plan's dims",
+                converted,
+            )
+        groups = []
+        for live, saved in zip(self.param_groups, saved_groups):
+            group = {k: v for k, v in saved.items() if k in live and k != "compress"}
+            if "compress" in live:
+                group["compress"] = live["compress"]
+            groups.append(group)
+        super().load_state_dict({"state": state, "param_groups": groups})
+        # torch casts floating state to the parameter dtype; our second moments stay float32.
+        id_to_param = {
+            key: p
+            for live, saved in zip(self.param_groups, saved_groups)
+            for key, p in zip(saved["params"], live["params"])
+        }
+        for key, v in second_moments.items():
+            p = id_to_param[key]
+            self.state[p]["exp_avg_sq"] = v.to(dtype=torch.float32, device=p.device)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)

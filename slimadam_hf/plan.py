@@ -1,0 +1,453 @@
+"""Compression plans: which dims each trainable parameter's second moment is averaged over."""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .compress_spec import CompressSpec, second_moment_numel, segments
+from .layouts import Layout, weight_layout
+from .presets import (
+    Preset,
+    PresetError,
+    RolePattern,
+    canonical_name,
+    load_overrides,
+    load_preset,
+    preset_for_model_type,
+    resolve_size,
+)
+from .roles import DEFAULT_RULES, NEVER_COMPRESSED_ROLES, Rule, RuleError, rule_to_dims
+
+logger = logging.getLogger(__name__)
+
+Overrides = Union[None, str, Path, dict, Preset]
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """One part of a split (fused) weight."""
+
+    role: str
+    rule: Rule
+    size: int
+    dims: Optional[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """The plan for one trainable parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    owner: str
+    role: str
+    rule: Rule
+    dims: Optional[tuple[int, ...]]
+    parts: Optional[tuple[PartPlan, ...]] = None
+    split_dim: Optional[int] = None
+    aliases: tuple[str, ...] = ()
+    decided_by: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def spec(self) -> CompressSpec:
+        """The compress spec the optimizer uses for this parameter."""
+        if self.parts is None:
+            return self.dims
+        if all(part.dims is None for part in self.parts):
+            return None
+        return {
+            "split_dim": self.split_dim,
+            "sizes": [part.size for part in self.parts],
+            "dims": [None if part.dims is None else list(part.dims) for part in self.parts],
+        }
+
+    @property
+    def second_moment_numel(self) -> int:
+        return second_moment_numel(self.spec, self.shape, self.name)
+
+    @property
+    def compressed(self) -> bool:
+        return self.spec is not None
+
+    def pieces(self) -> list[tuple[str, Rule, int, int]]:
+        """``(role, rule, parameters, second-moment entries kept)`` for the tensor or each split part."""
+        if self.parts is None:
+            return [(self.role, self.rule, self.numel, self.second_moment_numel)]
+        result = []
+        for part in self.parts:
+            part_shape = list(self.shape)
+            part_shape[self.split_dim] = part.size
+            kept = math.prod(1 if i in (part.dims or ()) else n for i, n in enumerate(part_shape))
+            result.append((part.role, part.rule, math.prod(part_shape), kept))
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "owner": self.owner,
+            "role": self.role,
+            "rule": self.rule,
+            "dims": None if self.dims is None else list(self.dims),
+            "parts": None
+            if self.parts is None
+            else [
+                {"role": p.role, "rule": p.rule, "size": p.size, "dims": None if p.dims is None else list(p.dims)}
+                for p in self.parts
+            ],
+            "aliases": list(self.aliases),
+            "second_moment_numel": self.second_moment_numel,
+            "numel": self.numel,
+            "decided_by": self.decided_by,
+        }
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+@dataclass
+class CompressionPlan:
+    """Per-parameter compression decisions for a model, with memory totals."""
+
+    entries: list[PlanEntry]
+    preset: str
+    model_type: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> PlanEntry:
+        for entry in self.entries:
+            if name == entry.name or name in entry.aliases or canonical_name(entry.name) == name:
+                return entry
+        raise KeyError(name)
+
+    def specs(self) -> dict[str, CompressSpec]:
+        """Parameter name -> compress spec."""
+        return {e.name: e.spec for e in self.entries}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def second_moment_numel(self) -> int:
+        return sum(e.second_moment_numel for e in self.entries)
+
+    @property
+    def second_moment_savings(self) -> float:
+        """Fraction (0..1) of AdamW's second-moment entries that SlimAdamW does not keep."""
+        total = self.num_parameters
+        return 0.0 if total == 0 else 1.0 - self.second_moment_numel / total
+
+    @property
+    def adamw_state_bytes(self) -> int:
+        """Optimizer-state bytes of torch AdamW (exp_avg and exp_avg_sq in the parameter dtype)."""
+        return sum(2 * e.numel * _bytes(e.dtype) for e in self.entries)
+
+    @property
+    def slimadam_state_bytes(self) -> int:
+        """Optimizer-state bytes of SlimAdamW (full exp_avg, float32 compressed exp_avg_sq)."""
+        return sum(e.numel * _bytes(e.dtype) + 4 * e.second_moment_numel for e in self.entries)
+
+    @property
+    def state_bytes_ratio(self) -> float:
+        return self.slimadam_state_bytes / max(self.adamw_state_bytes, 1)
+
+    def role_summary(self) -> list[dict[str, Any]]:
+        """Per role (split parts under their own roles): tensors, parameters, rule, entries kept."""
+        rows: dict[str, dict[str, Any]] = {}
+        for entry in self.entries:
+            for role, rule, numel, kept in entry.pieces():
+                row = rows.setdefault(role, {"role": role, "tensors": 0, "parameters": 0, "kept": 0, "rules": set()})
+                row["tensors"] += 1
+                row["parameters"] += numel
+                row["kept"] += kept
+                row["rules"].add(str(rule))
+        for row in rows.values():
+            row["rule"] = "/".join(sorted(row.pop("rules")))
+            row["saved"] = 1.0 - row["kept"] / max(row["parameters"], 1)
+        return list(rows.values())
+
+    def totals(self) -> dict[str, float]:
+        """Numbers worth logging as metrics."""
+        return {
+            "slimadam/second_moment_savings": self.second_moment_savings,
+            "slimadam/state_bytes": self.slimadam_state_bytes,
+            "slimadam/adamw_state_bytes": self.adamw_state_bytes,
+            "slimadam/state_ratio_vs_adamw": self.state_bytes_ratio,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "model_type": self.model_type,
+            "totals": self.totals(),
+            "warnings": list(self.warnings),
+            "parameters": [e.to_dict() for e in self.entries],
+        }
+
+    def save_json(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def table(self, collapse_layers: bool = True) -> Any:
+        """A ``rich`` table of the plan; repeated layers collapse into one row with ``N``."""
+        from rich.table import Table
+
+        table = Table(title=f"SlimAdam plan (preset {self.preset}, model_type {self.model_type})")
+        for column in ("parameter", "x", "shape", "owner", "role", "rule", "dims", "v kept", "saved"):
+            table.add_column(column, justify="right" if column in ("x", "v kept", "saved") else "left")
+        rows: dict[tuple, list[PlanEntry]] = defaultdict(list)
+        for e in self.entries:
+            key_name = re.sub(r"\.\d+\.", ".N.", e.name) if collapse_layers else e.name
+            rows[(key_name, e.shape, e.owner, e.role, str(e.rule), str(e.spec))].append(e)
+        for (key_name, shape, owner, role, rule, _), group in rows.items():
+            e = group[0]
+            if e.parts is not None:
+                role = "|".join(p.role for p in e.parts)
+                rule = "|".join(str(p.rule) for p in e.parts)
+                dims = "|".join("-" if p.dims is None else str(list(p.dims)) for p in e.parts)
+            else:
+                dims = "-" if e.dims is None else str(list(e.dims))
+            name = key_name + (f" (= {', '.join(e.aliases)})" if e.aliases else "")
+            table.add_row(
+                name,
+                str(len(group)),
+                "x".join(map(str, shape)),
+                owner,
+                role,
+                rule,
+                dims,
+                f"{e.second_moment_numel:,}",
+                f"{1 - e.second_moment_numel / e.numel:.1%}",
+            )
+        return table
+
+    def totals_text(self) -> str:
+        gib = 1024**3
+        return (
+            f"{len(self.entries)} trainable tensors, {self.num_parameters:,} parameters. "
+            f"Second moments kept: {self.second_moment_numel:,} ({self.second_moment_savings:.2%} saved). "
+            f"Optimizer state: AdamW {self.adamw_state_bytes / gib:.3f} GiB -> SlimAdamW "
+            f"{self.slimadam_state_bytes / gib:.3f} GiB ({self.state_bytes_ratio:.1%} of AdamW)."
+        )
+
+    def render(self, width: int = 140, collapse_layers: bool = True) -> str:
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+        console.print(self.table(collapse_layers))
+        console.print(self.totals_text())
+        for warning in self.warnings:
+            console.print(f"warning: {warning}")
+        return buffer.getvalue()
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+def _is_norm(owner: nn.Module, name: str) -> bool:
+    owner_kind = type(owner).__name__.lower()
+    module_name = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    return "norm" in owner_kind or "norm" in module_name.lower() or module_name.startswith("ln_")
+
+
+def _resolve_preset(model: nn.Module, preset: Union[str, Preset]) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset == "auto":
+        return preset_for_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    return load_preset(preset)
+
+
+def _owner(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    module_path = name.rsplit(".", 1)[0] if "." in name else ""
+    return modules.get(module_path, modules[""])
+
+
+class _Planner:
+    def __init__(self, preset: Preset, config: Any) -> None:
+        self.preset = preset
+        self.config = config
+        self.pattern_hits: dict[int, int] = defaultdict(int)
+        self.unmatched: list[str] = []
+
+    def rule_for(self, role: str) -> Rule:
+        if role in NEVER_COMPRESSED_ROLES:
+            return "none"
+        return self.preset.rules.get(role, DEFAULT_RULES[role])
+
+    def match(self, name: str) -> Optional[RolePattern]:
+        for i, pattern in enumerate(self.preset.patterns):
+            if pattern.matches(name):
+                self.pattern_hits[i] += 1
+                return pattern
+        return None
+
+    def plan(self, name: str, param: torch.Tensor, owner: nn.Module, aliases: tuple[str, ...]) -> PlanEntry:
+        cname = canonical_name(name)
+        shape = tuple(param.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        layout = weight_layout(owner, leaf, param.dim())
+        base = dict(name=name, shape=shape, dtype=param.dtype, owner=type(owner).__name__, aliases=aliases)
+        pattern = self.match(cname)
+
+        explicit = [n for n in (name, cname, *aliases, *map(canonical_name, aliases)) if n in self.preset.params]
+        if explicit:
+            dims = self.preset.params[explicit[0]]
+            if dims is not None and param.dim() < 2:
+                raise RuleError(
+                    f"parameter {name!r} is {param.dim()}-D; 1-D tensors (norms, biases) are never "
+                    f"compressed, so its explicit dims {list(dims)} cannot apply: set it to null"
+                )
+            role = pattern.role if pattern is not None and pattern.role else ("norm" if _is_norm(owner, cname) else "other")
+            resolved = None if dims is None else rule_to_dims(list(dims), None, shape, name)
+            if role in NEVER_COMPRESSED_ROLES and resolved is not None:
+                raise RuleError(f"parameter {name!r} has role {role!r}, which is never compressed; set it to null")
+            rule = "none" if dims is None else list(dims)
+            return PlanEntry(role=role, rule=rule, dims=resolved, decided_by="params", **base)
+
+        if param.dim() < 2:
+            role = "norm" if _is_norm(owner, cname) else "bias" if leaf == "bias" else "other"
+            return PlanEntry(role=role, rule="none", dims=None, decided_by="1-D", **base)
+
+        if pattern is None:
+            if _is_norm(owner, cname):
+                return PlanEntry(role="norm", rule="none", dims=None, decided_by="norm", **base)
+            self.unmatched.append(f"{name} {list(shape)}")
+            return PlanEntry(role="other", rule="none", dims=None, decided_by="unmatched", **base)
+
+        layout = pattern.layout or layout
+        if pattern.split is not None:
+            return self._plan_split(pattern, layout, base, name, shape)
+        rule = self.rule_for(pattern.role)
+        if pattern.dims is not None and rule != "none":
+            rule = list(pattern.dims)
+        dims = rule_to_dims(rule, layout, shape, name)
+        return PlanEntry(role=pattern.role, rule=rule, dims=dims, decided_by=pattern.pattern, **base)
+
+    def _plan_split(
+        self, pattern: RolePattern, layout: Optional[Layout], base: dict, name: str, shape: tuple[int, ...]
+    ) -> PlanEntry:
+        if layout is None:
+            raise PresetError(
+                f"{pattern.source}: parameter {name!r} is split, but its owner {base['owner']} has no known "
+                "layout; add 'layout: {fan_in: [...], fan_out: [...]}' to the entry"
+            )
+        split_dim = layout.split_dim
+        sizes = [resolve_size(part.size, self.config, f"{pattern.source} ({name})") for part in pattern.split]
+        parts = []
+        for part, size in zip(pattern.split, sizes):
+            rule = self.rule_for(part.role)
+            parts.append(PartPlan(part.role, rule, size, rule_to_dims(rule, layout, shape, name)))
+        segments({"split_dim": split_dim, "sizes": sizes, "dims": [None] * len(sizes)}, shape, name)
+        return PlanEntry(
+            role="split", rule="split", dims=None, parts=tuple(parts), split_dim=split_dim,
+            decided_by=pattern.pattern, **base,
+        )
+
+
+def plan_compression(
+    model: nn.Module,
+    preset: Union[str, Preset] = "auto",
+    overrides: Overrides = None,
+) -> CompressionPlan:
+    """Plan SlimAdam compression for every trainable parameter of ``model``.
+
+    Args:
+        model: any ``nn.Module``; a Hugging Face model's ``config.model_type`` picks the preset when
+            ``preset="auto"``. Models on the meta device work (only shapes are read).
+        preset: ``"auto"``, a shipped preset name (``gpt2``, ``llama``, ``vit``, ``bert``, ``generic``),
+            a path to a YAML preset, or a :class:`~slimadam_hf.presets.Preset`.
+        overrides: a YAML override (preset schema), an authors'-format JSON rules file
+            ``{param: [dims] | null}``, or a dict in the preset schema; merged on top of the preset.
+
+    Raises:
+        PresetError / RuleError / CompressSpecError (all ``ValueError``) naming the parameter, pattern or
+        rule at fault and how to fix it.
+    """
+    config = getattr(model, "config", None)
+    base = _resolve_preset(model, preset)
+    override = load_overrides(overrides) if overrides is not None else None
+    merged = base.merged_with(override) if override is not None else base
+    for role in merged.rules:
+        if role in NEVER_COMPRESSED_ROLES and merged.rules[role] != "none":
+            raise RuleError(f"{merged.source}: role {role!r} is never compressed; remove its rule")
+
+    modules = dict(model.named_modules())
+    names_by_id: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_id[id(param)].append(name)
+
+    planner = _Planner(merged, config)
+    entries = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        aliases = tuple(n for n in names_by_id[id(param)] if n != name)
+        entries.append(planner.plan(name, param, _owner(modules, name), aliases))
+
+    _check_overrides_used(override, merged, planner, names_by_id)
+    n_matrices = sum(1 for e in entries if len(e.shape) >= 2)
+    if preset != "auto" and n_matrices and len(planner.unmatched) == n_matrices:
+        raise PresetError(
+            f"preset {base.name!r} matched none of the {n_matrices} trainable matrices of "
+            f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}), e.g. "
+            f"{planner.unmatched[0]}. Use preset='auto', preset='generic', or a YAML preset for this model."
+        )
+    warnings = [
+        f"{item} matched no pattern of preset {merged.name!r} and keeps a full second moment; add a "
+        "'roles' pattern in an override YAML to compress it"
+        for item in planner.unmatched
+    ]
+    if warnings:
+        logger.warning("SlimAdam plan: %d trainable matrices keep a full second moment:\n  %s",
+                       len(warnings), "\n  ".join(planner.unmatched))
+    return CompressionPlan(entries, merged.name, getattr(config, "model_type", None), warnings)
+
+
+def _check_overrides_used(
+    override: Optional[Preset], merged: Preset, planner: _Planner, names_by_id: dict[int, list[str]]
+) -> None:
+    if override is None:
+        return
+    known = {n for names in names_by_id.values() for n in names}
+    known |= {canonical_name(n) for n in known}
+    for name in override.params:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            raise PresetError(
+                f"{override.source}: rule for parameter {name!r}, which the model does not have"
+                + (f"; did you mean {', '.join(map(repr, close))}?" if close else
+                   "; names must be as in model.named_parameters()")
+            )
+    for i, pattern in enumerate(override.patterns):
+        if planner.pattern_hits.get(i, 0) == 0:
+            raise PresetError(
+                f"{pattern.source}: pattern matches no trainable parameter (or an earlier pattern took "
+                "them all); patterns are anchored regexes over a full name or dotted suffix, e.g. "
+                "'layers\\.\\d+\\.mlp\\.up_proj\\.weight'"
+            )
