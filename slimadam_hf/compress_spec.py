@@ -165,6 +165,11 @@ def segments(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> list[
     return result
 
 
+def second_moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision parameters, the parameter's own dtype when it is wider."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
 def second_moment_shape(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> tuple[int, ...]:
     """Shape of ``exp_avg_sq`` for a parameter of ``shape`` under ``spec``."""
     segs = segments(spec, shape, name)
@@ -181,11 +186,11 @@ def second_moment_numel(spec: CompressSpec, shape: Sequence[int], name: str = "?
 def compress_second_moment(
     full: torch.Tensor, spec: CompressSpec, name: str = "?"
 ) -> torch.Tensor:
-    """Average a full, parameter-shaped second moment down to ``spec`` (float32).
+    """Average a full, parameter-shaped second moment down to ``spec`` (at least float32).
 
     Used to switch a run from AdamW to SlimAdamW, or to compress in place after an SNR probe.
     """
-    full = full.float()
+    full = full.to(second_moment_dtype(full.dtype))
     segs = segments(spec, full.shape, name)
     averaged = [
         seg.view(full) if seg.dims is None else seg.view(full).mean(dim=seg.dims, keepdim=True)

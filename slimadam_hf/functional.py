@@ -7,7 +7,7 @@ For each parameter with compress segments ``S`` (see :mod:`slimadam_hf.compress_
     v_s <- beta2 * v_s + (1 - beta2) * mean_{dims_s}(g_s ** 2)    for every segment s
     p_s <- p_s - lr / (1 - beta1**t) * m_s / (sqrt(v_s / (1 - beta2**t)) + eps)
 
-With no dims this is exactly ``torch.optim.AdamW``. ``v`` is always float32.
+With no dims this is exactly ``torch.optim.AdamW``. ``v`` is float32 (float64 for float64 params).
 ``_single_tensor_slimadamw`` is the plain reference; ``_multi_tensor_slimadamw`` batches the same math
 with ``torch._foreach_*`` kernels and is the default.
 """
@@ -81,8 +81,8 @@ def _single_tensor_slimadamw(
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         for seg in segs:
-            g = seg.view(grad).float()
             v = seg.second_moment_view(exp_avg_sq)
+            g = seg.view(grad).to(v.dtype)
             if seg.dims is None:
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             else:
@@ -168,7 +168,8 @@ def _multi_tensor_group(
                 bucket["dims"].append(seg.dims)
 
     if full:
-        g = full["g"] if full["g"][0].dtype == torch.float32 else [t.float() for t in full["g"]]
+        v_dtype = full["v"][0].dtype
+        g = full["g"] if full["g"][0].dtype == v_dtype else [t.to(v_dtype) for t in full["g"]]
         torch._foreach_mul_(full["v"], beta2)
         torch._foreach_addcmul_(full["v"], g, g, 1 - beta2)
         _apply_update(full, eps, broadcast=False)
@@ -176,8 +177,8 @@ def _multi_tensor_group(
     if compressed:
         # ||g||^2 / n over the dims is mean(g^2) without a full-size g^2 temporary.
         norms = [
-            torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=torch.float32)
-            for g, dims in zip(compressed["g"], compressed["dims"])
+            torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=v.dtype)
+            for g, v, dims in zip(compressed["g"], compressed["v"], compressed["dims"])
         ]
         scales = [(1 - beta2) * v.numel() / g.numel() for g, v in zip(compressed["g"], compressed["v"])]
         torch._foreach_mul_(compressed["v"], beta2)

@@ -15,9 +15,11 @@ from .compress_spec import (
     Segment,
     compress_second_moment,
     normalize_spec,
+    second_moment_dtype,
     second_moment_shape,
     segments,
 )
+from .distributed import check_before_step, check_param_group, sharded_step
 from .functional import slimadamw
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class SlimAdamW(Optimizer):
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
     State per parameter: ``step``, ``exp_avg`` (parameter shape and dtype) and ``exp_avg_sq``
-    (float32, compressed), created lazily on the first ``step()``.
+    (compressed; float32, or float64 for float64 parameters), created lazily on the first ``step()``.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class SlimAdamW(Optimizer):
         compress = param_group.get("compress")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        check_param_group(group)
         n = len(group["params"])
         if compress is None:
             group.pop("compress", None)
@@ -119,7 +122,7 @@ class SlimAdamW(Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros(
-                second_moment_shape(spec, p.shape, name), dtype=torch.float32, device=p.device
+                second_moment_shape(spec, p.shape, name), dtype=second_moment_dtype(p.dtype), device=p.device
             )
         return state
 
@@ -131,6 +134,9 @@ class SlimAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if check_before_step(self):
+            sharded_step(self)  # DTensor params (FSDP2, tensor parallel): see slimadam_hf/distributed.py
+            return loss
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             param_segments: list[list[Segment]] = []
@@ -176,7 +182,7 @@ class SlimAdamW(Optimizer):
 
         The saved compress specs must match the live ones; a mismatch raises an error naming the
         parameter. An AdamW state dict (no ``compress`` in its groups, full ``exp_avg_sq``) is converted
-        by averaging each second moment over the live spec's dims. Second moments stay float32.
+        by averaging each second moment over the live spec's dims. Second moments keep their float32 (or wider) dtype.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -240,7 +246,7 @@ class SlimAdamW(Optimizer):
         }
         for key, v in second_moments.items():
             p = id_to_param[key]
-            self.state[p]["exp_avg_sq"] = v.to(dtype=torch.float32, device=p.device)
+            self.state[p]["exp_avg_sq"] = v.to(dtype=second_moment_dtype(p.dtype), device=p.device)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
