@@ -275,6 +275,11 @@ def _is_norm(owner: nn.Module, name: str) -> bool:
     return "norm" in owner_kind or "norm" in module_name.lower() or module_name.startswith("ln_")
 
 
+# PEFT LoRA/DoRA factors: `<module>.lora_A.<adapter>.weight`, `lora_embedding_B.<adapter>`, DoRA's
+# `lora_magnitude_vector.<adapter>.weight`. They get role "adapter" (rule from `rules: {adapter: ...}`).
+_ADAPTER_RE = re.compile(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
 def _resolve_preset(model: nn.Module, preset: Union[str, Preset]) -> Preset:
     if isinstance(preset, Preset):
         return preset
@@ -294,6 +299,7 @@ class _Planner:
         self.config = config
         self.pattern_hits: dict[int, int] = defaultdict(int)
         self.unmatched: list[str] = []
+        self.part_names: set[str] = set()  # "name[role]" keys of split parts, usable in `params:`
 
     def rule_for(self, role: str) -> Rule:
         if role in NEVER_COMPRESSED_ROLES:
@@ -330,6 +336,11 @@ class _Planner:
             rule = "none" if dims is None else list(dims)
             return PlanEntry(role=role, rule=rule, dims=resolved, decided_by="params", **base)
 
+        if _ADAPTER_RE.search(cname):
+            rule = self.rule_for("adapter") if param.dim() >= 2 else "none"
+            dims = rule_to_dims(rule, layout, shape, name)
+            return PlanEntry(role="adapter", rule=rule, dims=dims, decided_by="peft adapter", **base)
+
         if param.dim() < 2:
             role = "norm" if _is_norm(owner, cname) else "bias" if leaf == "bias" else "other"
             return PlanEntry(role=role, rule="none", dims=None, decided_by="1-D", **base)
@@ -361,7 +372,14 @@ class _Planner:
         sizes = [resolve_size(part.size, self.config, f"{pattern.source} ({name})") for part in pattern.split]
         parts = []
         for part, size in zip(pattern.split, sizes):
-            rule = self.rule_for(part.role)
+            part_names = {f"{n}[{part.role}]" for n in (name, canonical_name(name))}
+            self.part_names |= part_names
+            explicit = [n for n in sorted(part_names) if n in self.preset.params]
+            if explicit:
+                dims = self.preset.params[explicit[0]]
+                rule: Rule = "none" if dims is None else list(dims)
+            else:
+                rule = self.rule_for(part.role)
             parts.append(PartPlan(part.role, rule, size, rule_to_dims(rule, layout, shape, name)))
         segments({"split_dim": split_dim, "sizes": sizes, "dims": [None] * len(sizes)}, shape, name)
         return PlanEntry(
@@ -411,13 +429,7 @@ def plan_compression(
         entries.append(planner.plan(name, param, _owner(modules, name), aliases))
 
     _check_overrides_used(override, merged, planner, names_by_id)
-    n_matrices = sum(1 for e in entries if len(e.shape) >= 2)
-    if preset != "auto" and n_matrices and len(planner.unmatched) == n_matrices:
-        raise PresetError(
-            f"preset {base.name!r} matched none of the {n_matrices} trainable matrices of "
-            f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}), e.g. "
-            f"{planner.unmatched[0]}. Use preset='auto', preset='generic', or a YAML preset for this model."
-        )
+    _check_preset_fits(model, preset, base, planner, entries)
     warnings = [
         f"{item} matched no pattern of preset {merged.name!r} and keeps a full second moment; add a "
         "'roles' pattern in an override YAML to compress it"
@@ -429,13 +441,32 @@ def plan_compression(
     return CompressionPlan(entries, merged.name, getattr(config, "model_type", None), warnings)
 
 
+def _check_preset_fits(
+    model: nn.Module, preset: Union[str, Preset], base: Preset, planner: _Planner, entries: list[PlanEntry]
+) -> None:
+    """Refuse an explicitly chosen preset that matches nothing, or is for another model type and leaves
+    matrices unmatched: that is a wrong preset, not a model with a few extra layers."""
+    if preset == "auto" or not planner.unmatched:
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    n_matrices = sum(1 for e in entries if len(e.shape) >= 2)
+    foreign = bool(base.model_types) and model_type not in base.model_types
+    if len(planner.unmatched) == n_matrices or foreign:
+        raise PresetError(
+            f"preset {base.name!r} (for model types {list(base.model_types)}) matched only "
+            f"{n_matrices - len(planner.unmatched)} of the {n_matrices} trainable matrices of "
+            f"{type(model).__name__} (model_type {model_type!r}); unmatched e.g. {planner.unmatched[0]}. "
+            "Use preset='auto', preset='generic', or a YAML preset written for this model."
+        )
+
+
 def _check_overrides_used(
     override: Optional[Preset], merged: Preset, planner: _Planner, names_by_id: dict[int, list[str]]
 ) -> None:
     if override is None:
         return
     known = {n for names in names_by_id.values() for n in names}
-    known |= {canonical_name(n) for n in known}
+    known |= {canonical_name(n) for n in known} | planner.part_names
     for name in override.params:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)

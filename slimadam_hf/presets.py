@@ -20,6 +20,7 @@ Schema (a preset file and an override file share it)::
       mlp_up: fan_out
     params:                                # exact parameter name -> [dims] | null
       lm_head.weight: [1]
+      transformer.h.0.attn.c_attn.weight[value]: null   # one part of a split weight, by role
 
 Patterns are regexes anchored at both ends, matched against the whole parameter name or any dotted
 suffix of it, after wrapper prefixes are stripped (:func:`canonical_name`). A JSON file in the paper
@@ -49,13 +50,31 @@ class PresetError(ValueError):
 
 # -- names --------------------------------------------------------------------------------------
 
-_WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_SEGMENTS = (
+    "_orig_mod",
+    "_fsdp_wrapped_module",
+    "_checkpoint_wrapped_module",
+    "base_layer",  # PEFT LoRA/DoRA: the wrapped base module
+    "original_module",  # PEFT modules_to_save: the frozen original
+)
+_NAMED_COPY_SEGMENT = "modules_to_save"  # PEFT: `<module>.modules_to_save.<adapter>.<param>`
 _LEADING_PREFIXES = ("base_model.model.", "module.")
 
 
 def canonical_name(name: str) -> str:
-    """Strip what wrappers (PEFT, DDP, torch.compile, FSDP, activation checkpointing) add to names."""
-    parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
+    """Strip what wrappers (PEFT, DDP, torch.compile, FSDP, activation checkpointing) add to names.
+
+    PEFT's ``q_proj.base_layer.weight``, ``score.original_module.weight`` and
+    ``score.modules_to_save.<adapter>.weight`` become ``q_proj.weight`` and ``score.weight``, so they
+    get the base module's role. LoRA factors (``lora_A.<adapter>.weight``) keep their names.
+    """
+    parts: list[str] = []
+    segments_iter = iter(name.split("."))
+    for part in segments_iter:
+        if part == _NAMED_COPY_SEGMENT:
+            next(segments_iter, None)  # the adapter name
+        elif part not in _WRAPPER_SEGMENTS:
+            parts.append(part)
     name = ".".join(parts)
     stripped = True
     while stripped:

@@ -69,6 +69,16 @@ def test_explicit_params_in_yaml_and_explicit_dims_rule():
     assert plan["model.layers.0.self_attn.k_proj.weight"].dims == (0,)
 
 
+def test_explicit_params_for_one_part_of_a_split_weight():
+    name = "transformer.h.1.attn.c_attn.weight"
+    plan = plan_compression(tiny_model("gpt2"), overrides={"params": {f"{name}[value]": None, f"{name}[key]": [0, 1]}})
+    parts = {p.role: p.dims for p in plan[name].parts}
+    assert parts == {"query": (0,), "key": (0, 1), "value": None}
+    assert plan["transformer.h.0.attn.c_attn.weight"].parts[2].dims == (1,)
+    with pytest.raises(PresetError, match=r"c_attn\.weight\[valu\]'.*did you mean.*c_attn\.weight\[value\]'"):
+        plan_compression(tiny_model("gpt2"), overrides={"params": {f"{name}[valu]": None}})
+
+
 def test_unmatched_matrix_keeps_full_second_moment_and_is_listed():
     model = tiny_model("llama")
     model.extra_proj = nn.Linear(16, 16)
