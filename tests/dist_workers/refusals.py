@@ -1,0 +1,90 @@
+"""Flat-shard backends (FSDP1, DeepSpeed ZeRO) must be refused with a clear error, never run silently."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from slimadam_hf import SlimAdamW, build_slimadam
+from slimadam_hf.distributed import UnsupportedShardingError
+
+from . import models
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except UnsupportedShardingError as exc:
+        return str(exc)
+    return "NO ERROR"
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16))
+
+
+def fsdp1(rank: int, world_size: int, out_dir: Path) -> dict:
+    """Real FSDP1 on gloo CPU: flat params (use_orig_params=False) and 1-D original-param views (True)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    warnings.filterwarnings("ignore")
+    result = {}
+    for use_orig in (False, True):
+        model = FSDP(_tiny_gpt2(), use_orig_params=use_orig, device_id=torch.device("cpu"))
+        key = f"use_orig_params={use_orig}"
+        result[key + ":build_slimadam"] = _error(lambda: build_slimadam(model, preset="gpt2"))
+        result[key + ":plain_params"] = _error(lambda: SlimAdamW(model.parameters()))
+        result[key + ":names"] = [n for n, _ in model.named_parameters()][:2]
+    # A plan made on the unwrapped model, with its specs, handed FSDP1's 1-D views without names.
+    model = models.make_model()
+    groups = models.param_groups(model)
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    by_name = dict(wrapped.named_parameters())
+    for group in groups:
+        group["params"] = [by_name["_fsdp_wrapped_module." + n] for n, _ in group["params"]]
+    result["orig_params_unnamed"] = _error(lambda: SlimAdamW(groups))
+    return result
+
+
+def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0, 1, 2, 3)) -> dict:
+    """Real DeepSpeed (CPU accelerator, gloo): one training step per ZeRO stage with SlimAdamW."""
+    import deepspeed
+
+    warnings.filterwarnings("ignore")
+    result = {}
+    for stage in stages:
+        # float32: DeepSpeed reduces no float64 gradients
+        model = models.make_model().float()
+        ref = models.make_model().float()
+        opt = SlimAdamW(models.param_groups(model), lr=1e-2, weight_decay=0.1)
+        ref_opt = SlimAdamW(models.param_groups(ref), lr=1e-2, weight_decay=0.1, foreach=False)
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default
+
+        def run() -> float:
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+            for step in range(2):
+                loss = engine(models.batch(step, rank, world_size))
+                engine.backward(loss)
+                engine.step()
+                ref(models.batch(step)).backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+            return max((p - q).abs().max().item() for p, q in zip(engine.module.parameters(), ref.parameters()))
+
+        try:
+            result[f"stage{stage}"] = {"max_param_diff": run()}
+        except UnsupportedShardingError as exc:
+            result[f"stage{stage}"] = {"error": str(exc)}
+    # ZeRO-3 with zero.Init (accelerate's zero3_init_flag): parameters are partitioned before the optimizer.
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = models.Tiny()
+    result["stage3_zero_init"] = {"error": _error(lambda: SlimAdamW(models.param_groups(model)))}
+    return result

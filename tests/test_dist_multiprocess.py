@@ -1,0 +1,110 @@
+"""Real 2-process gloo runs: DDP parity, exact FSDP2 steps, FSDP2 checkpoints, FSDP1 refusal.
+
+All checks share one spawn (tests/dist_workers/suite.py); process start-up dominates the cost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dist_workers import harness, refusals, suite  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+FLAT_ERROR = "impossible on flat shards that mix many weights"
+ALTERNATIVES = "Use FSDP2 instead (torch.distributed.fsdp.fully_shard; accelerate/Trainer fsdp_version: 2), or DDP"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    return harness.spawn(suite.run_all, 2, tmp_path_factory.mktemp("dist"))
+
+
+def _result(results: dict, name: str) -> dict:
+    result = results[name]
+    if "traceback" in result:
+        pytest.fail(f"{name} failed in the worker:\n{result['traceback']}")
+    return result
+
+
+def test_ddp_matches_single_process(results):
+    r = _result(results, "ddp")
+    assert r["dtype"] == "torch.float64"
+    assert r["max_param_change"] > 1e-2  # the run really moved the weights
+    assert r["max_param_diff"] < 1e-12
+
+
+def test_fsdp2_steps_are_exact(results):
+    r = _result(results, "fsdp2_exact")
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
+    assert r["replica_mismatch"] == 0.0
+    # uneven (4+3 rows), empty (rank 1 of one.weight) and split shards were all exercised
+    assert r["local_shapes"]["emb.weight"] == [4, 6] and r["local_shapes"]["one.weight"] == [1, 5]
+    # second moments: sharded where the compressed dims are local, replicated where they need a global mean
+    assert r["v_placements"]["emb.weight"] == "(Shard(dim=0),)"
+    assert r["v_placements"]["up.weight"] == "(Replicate(),)"
+    assert r["v_placements"]["qkv.weight"] == "(Replicate(),)"
+    # one batched all-reduce per step: up (7) + one (1) + kernel (2) + qkv split (21) + side split (7) float64
+    assert r["comm"] == [{"all_reduce_calls": 1, "all_reduce_bytes": 38 * 8}] * 3
+
+
+@pytest.mark.parametrize("name", ["hsdp_replicate2_shard1", "hsdp_replicate1_shard2"])
+def test_hsdp_2d_mesh_is_exact(results, name):
+    # (Replicate(), Shard(0)) placements: partial sums are added over the shard mesh dim only
+    r = _result(results, name)
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
+    assert r["replica_mismatch"] == 0.0
+
+
+def test_fsdp2_with_bfloat16_momentum(results):
+    r = _result(results, "fsdp2_momentum_bf16")
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
+
+
+def test_fsdp2_optimizer_built_before_fully_shard(results):
+    r = _result(results, "fsdp2_accelerate_order")
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
+
+
+def test_fsdp2_resume_equals_uninterrupted(results):
+    r = _result(results, "fsdp2_checkpoints")
+    assert r["dcp"] == 0.0 and r["accelerate_full_state_dict"] == 0.0
+    assert r["dcp_steps"] == [4.0] and r["accelerate_full_state_dict_steps"] == [4.0]
+    # a plain single-process checkpoint resumed under FSDP2 (state sliced onto the shards)
+    assert r["single_process_checkpoint"] < 1e-12 and r["single_process_checkpoint_steps"] == [4.0]
+
+
+def test_dim1_sharded_dtensors_are_exact(results):
+    # column-wise (tensor-parallel style) shards: the reduced dims are now dim 1
+    r = _result(results, "tensor_parallel_dim1")
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
+    assert r["comm"]["all_reduce_calls"] == 1
+
+
+def test_fsdp1_is_refused_with_a_clear_error(results):
+    r = _result(results, "fsdp1")
+    for key, message in r.items():
+        if key.endswith(":names"):
+            continue
+        assert message.startswith("SlimAdamW cannot run under FSDP1 (FullyShardedDataParallel)"), (key, message)
+        assert FLAT_ERROR in message and ALTERNATIVES in message
+    assert "_fsdp_wrapped_module._flat_param" in r["use_orig_params=False:build_slimadam"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero_stages(tmp_path):
+    r = harness.spawn(refusals.deepspeed_zero, 2, tmp_path)
+    assert "error" not in r["stage0"], r["stage0"]
+    assert r["stage0"]["max_param_diff"] < 1e-5  # float32, vs one process on the global batch
+    for stage in (1, 2, 3):
+        message = r[f"stage{stage}"]["error"]
+        assert message.startswith(f"SlimAdamW cannot run under DeepSpeed ZeRO stage {stage}: param group 0 was built")
+        assert ALTERNATIVES in message
+    assert r["stage3_zero_init"]["error"].startswith("SlimAdamW cannot run under DeepSpeed ZeRO stage 3: parameter 'emb.weight'")
