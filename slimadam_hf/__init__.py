@@ -10,6 +10,22 @@ from .roles import DEFAULT_RULES, ROLES, RuleError
 
 __version__ = "0.1.0"
 
+# The Trainer integration imports transformers.Trainer (and, through it, peft): load it on first use
+# so that `import slimadam_hf` stays light for plain PyTorch loops and the CLI.
+_LAZY = {
+    "SlimAdamCallback": "trainer_callback",
+    "SlimAdamFactory": "trainer_integration",
+    "register": "trainer_integration",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "CompressSpec",
     "CompressSpecError",
@@ -22,6 +38,8 @@ __all__ = [
     "PresetError",
     "ROLES",
     "RuleError",
+    "SlimAdamCallback",
+    "SlimAdamFactory",
     "SlimAdamW",
     "available_presets",
     "build_slimadam",
@@ -29,6 +47,7 @@ __all__ = [
     "load_overrides",
     "load_preset",
     "plan_compression",
+    "register",
     "register_layout",
     "slimadam_param_groups",
 ]
