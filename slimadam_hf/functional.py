@@ -8,19 +8,29 @@ For each parameter with compress segments ``S`` (see :mod:`slimadam_hf.compress_
     p_s <- p_s - lr / (1 - beta1**t) * m_s / (sqrt(v_s / (1 - beta2**t)) + eps)
 
 With no dims this is exactly ``torch.optim.AdamW``. ``v`` is float32 (float64 for float64 params).
-``_single_tensor_slimadamw`` is the plain reference; ``_multi_tensor_slimadamw`` batches the same math
-with ``torch._foreach_*`` kernels and is the default.
+``m`` may be stored in another precision than the parameter (``SlimAdamW(momentum_dtype=...)``): it is
+then updated in float32, rounded to nearest, and the stored value drives the update.
+
+Implementations (``implementation=``):
+
+* ``"reference"``: ``_single_tensor_slimadamw``, the plain per-tensor reference;
+* ``"foreach"``: ``_multi_tensor_slimadamw``, the same math batched with ``torch._foreach_*`` kernels
+  and no full-size temporaries; the eager default;
+* ``"compiled"``: :func:`slimadam_hf.fused.compiled_slimadamw`, one ``torch.compile``-d kernel set per
+  parameter signature, each a single pass over ``p``, ``g``, ``m`` (fastest; compiles on first use).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .compress_spec import Segment
+
+IMPLEMENTATIONS = ("foreach", "compiled", "reference")
 
 
 def slimadamw(
@@ -37,9 +47,25 @@ def slimadamw(
     beta2: float,
     eps: float,
     weight_decay: float,
+    implementation: Optional[str] = None,
 ) -> None:
-    """Apply one SlimAdamW step to every parameter, in place."""
-    impl = _multi_tensor_slimadamw if foreach else _single_tensor_slimadamw
+    """Apply one SlimAdamW step to every parameter, in place.
+
+    ``implementation`` is one of :data:`IMPLEMENTATIONS`; ``None`` keeps the meaning of ``foreach``
+    (``True``: ``"foreach"``, ``False``: ``"reference"``).
+    """
+    if implementation is None:
+        implementation = "foreach" if foreach else "reference"
+    if implementation == "compiled":
+        from .fused import compiled_slimadamw
+
+        impl = compiled_slimadamw
+    elif implementation == "foreach":
+        impl = _multi_tensor_slimadamw
+    elif implementation == "reference":
+        impl = _single_tensor_slimadamw
+    else:
+        raise ValueError(f"Invalid implementation {implementation!r}: choose one of {list(IMPLEMENTATIONS)}")
     impl(
         params,
         grads,
@@ -76,7 +102,10 @@ def _single_tensor_slimadamw(
         step = step_t.item()
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
+        if exp_avg.dtype == grad.dtype:
+            exp_avg.lerp_(grad, 1 - beta1)
+        else:  # momentum_dtype differs from the parameter's: update in float32, store rounded
+            exp_avg.copy_(exp_avg.float().lerp_(grad.float(), 1 - beta1))
 
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
@@ -91,10 +120,10 @@ def _single_tensor_slimadamw(
             seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
 
 
-def _group_by_device_and_dtype(params: Sequence[Tensor]) -> dict[tuple, list[int]]:
+def _group_by_device_and_dtype(params: Sequence[Tensor], exp_avgs: Sequence[Tensor]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[(p.device, p.dtype)].append(i)
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        groups[(p.device, p.dtype, m.dtype)].append(i)
     return groups
 
 
@@ -112,7 +141,7 @@ def _multi_tensor_slimadamw(
     eps: float,
     weight_decay: float,
 ) -> None:
-    for indices in _group_by_device_and_dtype(params).values():
+    for indices in _group_by_device_and_dtype(params, exp_avgs).values():
         _multi_tensor_group(
             [params[i] for i in indices],
             [grads[i] for i in indices],
@@ -146,7 +175,11 @@ def _multi_tensor_group(
     torch._foreach_add_(state_steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    if exp_avgs[0].dtype == grads[0].dtype:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    else:  # low-precision momentum: float32 math, rounded store (one tensor at a time bounds the temporaries)
+        for exp_avg, grad in zip(exp_avgs, grads):
+            exp_avg.copy_(exp_avg.float().lerp_(grad.float(), 1 - beta1))
 
     full: dict[str, list] = defaultdict(list)
     compressed: dict[str, list] = defaultdict(list)
@@ -175,15 +208,38 @@ def _multi_tensor_group(
         _apply_update(full, eps, broadcast=False)
 
     if compressed:
-        # ||g||^2 / n over the dims is mean(g^2) without a full-size g^2 temporary.
-        norms = [
-            torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=v.dtype)
+        sums = [
+            _sum_of_squares(g, dims, v.dtype)
             for g, v, dims in zip(compressed["g"], compressed["v"], compressed["dims"])
         ]
         scales = [(1 - beta2) * v.numel() / g.numel() for g, v in zip(compressed["g"], compressed["v"])]
         torch._foreach_mul_(compressed["v"], beta2)
-        torch._foreach_addcmul_(compressed["v"], norms, norms, scales)
+        torch._foreach_mul_(sums, scales)
+        torch._foreach_add_(compressed["v"], sums)
         _apply_update(compressed, eps, broadcast=True)
+
+
+# Row block of the streamed column reduction: about 256 KiB of float32 accumulators, cache resident.
+_COLUMN_BLOCK_ELEMS = 1 << 16
+
+
+def _sum_of_squares(g: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``sum(g**2)`` over ``dims`` (kept), in ``dtype``, without a full-size ``g**2`` temporary.
+
+    A squared norm in general. On CPU, reducing a 2-D tensor over its rows only (``dims == (0,)``)
+    with the norm kernel strides down columns and is an order of magnitude slower than a pass over
+    the data, so rows are streamed through a small accumulator block instead.
+    """
+    if g.device.type == "cpu" and g.dim() == 2 and dims == (0,) and g.stride(1) == 1:
+        rows, cols = g.shape
+        block = max(1, _COLUMN_BLOCK_ELEMS // cols)
+        if rows > 2 * block:
+            acc = torch.zeros((block, cols), dtype=dtype)
+            for chunk in g.split(block):
+                acc[: chunk.shape[0]].addcmul_(chunk, chunk)
+            return acc.sum(0, keepdim=True)
+    norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=dtype)
+    return norm.mul_(norm)
 
 
 def _apply_update(bucket: dict[str, list], eps: float, *, broadcast: bool) -> None:

@@ -20,13 +20,57 @@ from .compress_spec import (
     segments,
 )
 from .distributed import check_before_step, check_param_group, sharded_step
-from .functional import slimadamw
+from .functional import IMPLEMENTATIONS, slimadamw
 
 logger = logging.getLogger(__name__)
 
 
 def _as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else float(value)
+
+
+_MOMENTUM_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+# group options the live optimizer keeps when loading a checkpoint
+_LIVE_OPTIONS = ("implementation", "momentum_dtype")
+
+
+def _momentum_dtype_name(value: Any) -> Optional[str]:
+    """Canonical name ("bfloat16", ...) of a ``momentum_dtype`` option; ``None`` = the parameter's dtype."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        names = [name for name, dtype in _MOMENTUM_DTYPES.items() if dtype == value]
+        if names:
+            return str(value).removeprefix("torch.")
+    elif isinstance(value, str) and value.lower().removeprefix("torch.") in _MOMENTUM_DTYPES:
+        return str(_MOMENTUM_DTYPES[value.lower().removeprefix("torch.")]).removeprefix("torch.")
+    raise ValueError(
+        f"Invalid momentum_dtype: {value!r}; use None (the parameter's dtype), torch.bfloat16, "
+        "torch.float16, torch.float32 or torch.float64 (or their names, e.g. 'bfloat16')"
+    )
+
+
+def _resolve_implementation(implementation: Optional[str], foreach: Optional[bool]) -> Optional[str]:
+    if implementation is None:
+        return None
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"Invalid implementation {implementation!r}: choose one of {list(IMPLEMENTATIONS)}")
+    if foreach is not None and (implementation == "reference") == bool(foreach):
+        raise ValueError(
+            f"foreach={foreach} contradicts implementation={implementation!r}; give only implementation"
+        )
+    return implementation
 
 
 class SlimAdamW(Optimizer):
@@ -43,10 +87,16 @@ class SlimAdamW(Optimizer):
         eps: added to the denominator, outside the square root, as in AdamW.
         weight_decay: decoupled weight decay, as in AdamW.
         foreach: ``True``/``None`` use the batched multi-tensor implementation, ``False`` the plain
-            per-tensor reference.
+            per-tensor reference (kept for compatibility; ``implementation`` says more).
+        implementation: ``"foreach"`` (eager, batched ``torch._foreach_*`` kernels; the default),
+            ``"compiled"`` (``torch.compile``-d fused kernels, fastest, compiles on first step; needs a
+            C++ compiler on CPU or Triton on GPU) or ``"reference"`` (plain per-tensor loop).
+        momentum_dtype: dtype of the first moment ``exp_avg``: ``None`` (the parameter's dtype) or e.g.
+            ``torch.bfloat16`` / ``"bfloat16"`` (half the first-moment memory; updated in float32
+            and rounded to nearest).
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
-    State per parameter: ``step``, ``exp_avg`` (parameter shape and dtype) and ``exp_avg_sq``
+    State per parameter: ``step``, ``exp_avg`` (parameter shape; parameter dtype or ``momentum_dtype``) and ``exp_avg_sq``
     (compressed; float32, or float64 for float64 parameters), created lazily on the first ``step()``.
     """
 
@@ -59,6 +109,8 @@ class SlimAdamW(Optimizer):
         weight_decay: float = 1e-2,
         *,
         foreach: Optional[bool] = None,
+        implementation: Optional[str] = None,
+        momentum_dtype: Optional[torch.dtype | str] = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError(f"Invalid learning rate (lr): a tensor lr must have one element, got {lr.shape}")
@@ -73,7 +125,16 @@ class SlimAdamW(Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {i} (betas[{i}]): {beta}; it must be in [0, 1)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value (weight_decay): {weight_decay}; it must be >= 0")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        implementation = _resolve_implementation(implementation, foreach)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            implementation=implementation,
+            momentum_dtype=_momentum_dtype_name(momentum_dtype),
+        )
         super().__init__(params, defaults)
 
     # -- param groups -----------------------------------------------------------------------------
@@ -116,11 +177,17 @@ class SlimAdamW(Optimizer):
 
     # -- step -------------------------------------------------------------------------------------
 
-    def _init_state(self, p: Tensor, spec: CompressSpec, name: str) -> dict[str, Tensor]:
+    def _init_state(
+        self, p: Tensor, spec: CompressSpec, name: str, group: Optional[dict[str, Any]] = None
+    ) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
+            if group is None:
+                group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(
+                p, dtype=self._momentum_dtype(group, p), memory_format=torch.preserve_format
+            )
             state["exp_avg_sq"] = torch.zeros(
                 second_moment_shape(spec, p.shape, name), dtype=second_moment_dtype(p.dtype), device=p.device
             )
@@ -149,7 +216,7 @@ class SlimAdamW(Optimizer):
                         f"SlimAdamW does not support sparse gradients (parameter {name!r}); "
                         "use dense gradients, e.g. nn.Embedding(sparse=False)"
                     )
-                state = self._init_state(p, spec, name)
+                state = self._init_state(p, spec, name, group)
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
@@ -167,6 +234,7 @@ class SlimAdamW(Optimizer):
                 steps,
                 param_segments,
                 foreach=group["foreach"] is not False,
+                implementation=_resolve_implementation(group["implementation"], group["foreach"]),
                 lr=_as_float(group["lr"]),
                 beta1=_as_float(beta1),
                 beta2=_as_float(beta2),
@@ -181,7 +249,8 @@ class SlimAdamW(Optimizer):
         """Load a SlimAdamW (or AdamW) state dict.
 
         The saved compress specs must match the live ones; a mismatch raises an error naming the
-        parameter. An AdamW state dict (no ``compress`` in its groups, full ``exp_avg_sq``) is converted
+        parameter. ``implementation`` and ``momentum_dtype`` stay the live optimizer's; ``exp_avg`` is
+        cast to the live ``momentum_dtype``. An AdamW state dict (no ``compress`` in its groups, full ``exp_avg_sq``) is converted
         by averaging each second moment over the live spec's dims. Second moments keep their float32 (or wider) dtype.
         """
         saved_groups = state_dict["param_groups"]
@@ -236,7 +305,18 @@ class SlimAdamW(Optimizer):
             group = {k: v for k, v in saved.items() if k in live and k != "compress"}
             if "compress" in live:
                 group["compress"] = live["compress"]
+            # compute choices belong to the live optimizer, not to the checkpoint
+            for key in _LIVE_OPTIONS:
+                group[key] = live[key]
             groups.append(group)
+        # torch would cast exp_avg to the parameter dtype; keep it aside and cast it to momentum_dtype.
+        first_moments: dict[Any, Tensor] = {}
+        for live, saved in zip(self.param_groups, saved_groups):
+            if live["momentum_dtype"] is not None:
+                for key in saved["params"]:
+                    m = state.get(key, {}).pop("exp_avg", None)
+                    if m is not None:
+                        first_moments[key] = m
         super().load_state_dict({"state": state, "param_groups": groups})
         # torch casts floating state to the parameter dtype; our second moments stay float32.
         id_to_param = {
@@ -247,8 +327,23 @@ class SlimAdamW(Optimizer):
         for key, v in second_moments.items():
             p = id_to_param[key]
             self.state[p]["exp_avg_sq"] = v.to(dtype=second_moment_dtype(p.dtype), device=p.device)
+        for live, saved in zip(self.param_groups, saved_groups):
+            for key in saved["params"]:
+                if key in first_moments:
+                    p = id_to_param[key]
+                    self.state[p]["exp_avg"] = first_moments[key].to(
+                        dtype=self._momentum_dtype(live, p), device=p.device
+                    )
+
+    @staticmethod
+    def _momentum_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+        name = _momentum_dtype_name(group.get("momentum_dtype"))
+        return p.dtype if name is None else _MOMENTUM_DTYPES[name]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("implementation", None)
+            group.setdefault("momentum_dtype", None)
         for group in self.param_groups:
             group.setdefault("foreach", None)
