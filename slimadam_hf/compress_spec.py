@@ -165,6 +165,25 @@ def segments(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> list[
     return result
 
 
+_SEGMENTS_BY_SPEC_AND_SHAPE: dict[tuple, tuple[Segment, ...]] = {}
+
+
+def _spec_key(spec: CompressSpec) -> Any:
+    if isinstance(spec, dict):
+        dims = tuple(None if d is None else tuple(d) for d in spec["dims"])
+        return ("split", spec["split_dim"], tuple(spec["sizes"]), dims)
+    return None if spec is None else tuple(spec)
+
+
+def cached_segments(spec: CompressSpec, shape: Sequence[int], name: str = "?") -> tuple[Segment, ...]:
+    """:func:`segments` memoized by (spec, shape): the optimizer asks for them on every step."""
+    key = (_spec_key(spec), tuple(shape))
+    segs = _SEGMENTS_BY_SPEC_AND_SHAPE.get(key)
+    if segs is None:
+        segs = _SEGMENTS_BY_SPEC_AND_SHAPE[key] = tuple(segments(spec, shape, name))
+    return segs
+
+
 def second_moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision parameters, the parameter's own dtype when it is wider."""
     return torch.promote_types(param_dtype, torch.float32)

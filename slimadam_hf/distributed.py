@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .compress_spec import CompressSpec, Dims, second_moment_dtype, second_moment_shape, segments
+from .compress_spec import (
+    CompressSpec,
+    Dims,
+    cached_segments,
+    second_moment_dtype,
+    second_moment_shape,
+    segments,
+)
 
 if TYPE_CHECKING:
     from .optimizer import SlimAdamW
@@ -501,7 +508,7 @@ def sharded_step(optimizer: "SlimAdamW") -> None:
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states],
-                [segments(specs[i], p.shape, n) for p, i, n in zip(params, plain, names)],
+                [cached_segments(specs[i], p.shape, n) for p, i, n in zip(params, plain, names)],
                 foreach=group["foreach"] is not False,
                 implementation=_resolve_implementation(group.get("implementation"), group["foreach"]),
                 **hyper,

@@ -1,11 +1,14 @@
 """Compiled SlimAdamW update: ``torch.compile`` (inductor) fuses each parameter's whole step.
 
-One graph per parameter *signature* (shape, strides, dtypes, device, compress segments), so the
-layers of a transformer share a handful of compiled kernels. Per parameter the generated code reads
+One graph per parameter *signature* (shape, strides, dtypes, device, compress segments), each in a
+function of its own (one dynamo cache entry, one guard set per call), so the layers of a transformer
+share a handful of compiled kernels. Per parameter the generated code reads
 ``p``, ``g`` and ``m`` once, reads ``g`` once more for the reduction ``mean(g**2)`` (fused, no
 full-size temporary), and writes ``p`` and ``m``: weight decay, bias correction and the ``eps``
 placement are folded into that single pass. Hyperparameters and bias corrections enter as runtime
-values of one small float32 tensor, so changing ``lr`` or the step count does not recompile.
+values of one small tensor, so changing ``lr`` or the step count does not recompile. The compressed
+denominator is an opaque custom op on the small second moment, so the loop over the parameter has no
+per-element sqrt or division.
 
 The math is the reference's (:func:`slimadam_hf.functional._single_tensor_slimadamw`) in the second
 moment's dtype (float32; float64 for float64 parameters); results agree with it to that rounding
@@ -15,6 +18,7 @@ moment's dtype (float32; float64 for float64 parameters); results agree with it 
 from __future__ import annotations
 
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,12 +28,13 @@ from .compress_spec import Segment
 
 __all__ = ["compiled_slimadamw", "compile_stats", "CompileUnavailableError"]
 
-# dynamo keeps a bounded number of graphs per code object; every signature needs its own graph.
+# dynamo keeps a bounded number of graphs per code object (a signature's function can still see
+# several, e.g. a new device index)
 _RECOMPILE_LIMIT = 1024
 
 _STATS: dict[str, float] = {"graphs": 0, "compile_seconds": 0.0}
 _SEEN: set[tuple] = set()
-_COMPILED: dict[str, Callable[..., None]] = {}
+_COMPILED: dict[tuple, Callable[..., None]] = {}
 
 
 class CompileUnavailableError(RuntimeError):
@@ -85,12 +90,19 @@ def _update(
             seg.view(param).copy_(ps + ms * _step_over_denominator(v_new, scalars))
 
 
-def _compiled() -> Callable[..., None]:
-    fn = _COMPILED.get("update")
+def _compiled(key: tuple) -> Callable[..., None]:
+    """The compiled update for one parameter signature.
+
+    Each signature gets its own copy of ``_update``'s code object, so dynamo keeps one cache entry
+    per function and a call checks one set of guards instead of walking every signature's.
+    """
+    fn = _COMPILED.get(key)
     if fn is None:
+        code = _update.__code__.replace(co_name=f"_update_{len(_COMPILED)}")
+        update = types.FunctionType(code, _update.__globals__, code.co_name)
         # emulate_precision_casts: a low-precision momentum is really rounded before it is used
-        fn = torch.compile(_update, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
-        _COMPILED["update"] = fn
+        fn = torch.compile(update, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+        _COMPILED[key] = fn
     return fn
 
 
@@ -118,7 +130,6 @@ def compiled_slimadamw(
     weight_decay: float,
 ) -> None:
     """Same contract as :func:`slimadam_hf.functional.slimadamw`, one compiled call per parameter."""
-    fn = _compiled()
     torch._foreach_add_(list(state_steps), 1)
     decay = 1 - lr * weight_decay
     scalar_tensors: dict[tuple, Tensor] = {}
@@ -134,6 +145,7 @@ def compiled_slimadamw(
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)
                 scalar_tensors[(values, param.device, exp_avg_sq.dtype)] = scalars
             args: tuple[Any, ...] = (param, grad, exp_avg, exp_avg_sq, tuple(segs), scalars)
+            fn = _compiled(key)
             if key in _SEEN:
                 fn(*args)
                 continue

@@ -13,6 +13,7 @@ from .compress_spec import (
     CompressSpec,
     CompressSpecError,
     Segment,
+    cached_segments,
     compress_second_moment,
     normalize_spec,
     second_moment_dtype,
@@ -206,7 +207,7 @@ class SlimAdamW(Optimizer):
             return loss
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            param_segments: list[list[Segment]] = []
+            param_segments: list[tuple[Segment, ...]] = []
             for i, (p, spec) in enumerate(zip(group["params"], self._group_specs(group))):
                 if p.grad is None:
                     continue
@@ -222,7 +223,7 @@ class SlimAdamW(Optimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
-                param_segments.append(segments(spec, p.shape, name))
+                param_segments.append(cached_segments(spec, p.shape, name))
             if not params:
                 continue
             beta1, beta2 = group["betas"]

@@ -1,0 +1,41 @@
+"""The benchmark scripts' --smoke modes run end to end (numbers are not checked: benchmarks are scripts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def test_bench_step_smoke(tmp_path):
+    md = tmp_path / "step.md"
+    stdout = _run("bench_step.py", "--smoke", "--output", str(md))
+    text = md.read_text()
+    assert "| torch AdamW fused |" in text and "| SlimAdamW foreach |" in text and "| SlimAdamW reference |" in text
+    row = next(l for l in text.splitlines() if l.startswith("| SlimAdamW foreach, bf16 m |"))
+    state_ratio = float(row.split("|")[6])
+    assert state_ratio < 0.3  # bf16 first moment + compressed second moment
+    assert "Machine:" in stdout
+
+
+def test_bench_quality_smoke(tmp_path):
+    _run("bench_quality.py", "--smoke", "--out", str(tmp_path), "--archs", "gpt2", "--no-vit",
+         "--optimizers", "AdamW", "SlimAdam", "SlimAdam SNR", "Adalayer")
+    data = json.loads((tmp_path / "quality.json").read_text())
+    names = {r["optimizer"] for r in data["lm"]}
+    assert {"AdamW", "SlimAdam", "Adalayer"} <= names
+    assert all(r["curve"] for r in data["lm"])
+    assert (tmp_path / "quality_lr.png").stat().st_size > 0 and (tmp_path / "quality_steps.png").stat().st_size > 0
+    assert "Final validation loss" in (tmp_path / "quality.md").read_text()
