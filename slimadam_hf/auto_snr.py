@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .compress_spec import CompressSpec, normalize_spec, second_moment_shape, segments
-from .optimizer import SlimAdamW
+from .optimizer import SlimAdamW, unwrap_optimizer
 from .plan import CompressionPlan, PartPlan, PlanEntry, plan_compression
-from .snr_callback import SNRTarget, _unwrap_optimizer, measure_snr, snr_targets
+from .snr_callback import SNRTarget, measure_snr, snr_targets
 from .snr_rules import (
     KeyInfo,
     Rules,
@@ -75,7 +75,7 @@ _SELECTS = ("max-snr", "most-compressive")
 
 
 def _slim(optimizer: Any) -> SlimAdamW:
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if not isinstance(opt, SlimAdamW):
         raise TypeError(f"expected a SlimAdamW (possibly wrapped by accelerate), got {type(opt).__name__}")
     return opt
@@ -599,13 +599,8 @@ class AutoSNRCallback(TrainerCallback):
 
     @staticmethod
     def _auto(optimizer: Any) -> Optional[AutoSNRSlimAdamW]:
-        seen = 0
-        while optimizer is not None and seen < 5:
-            if isinstance(optimizer, AutoSNRSlimAdamW):
-                return optimizer
-            optimizer = getattr(optimizer, "optimizer", None)
-            seen += 1
-        return None
+        inner = unwrap_optimizer(optimizer)
+        return inner if isinstance(inner, AutoSNRSlimAdamW) else None
 
     def _write(self, args: Any, state: Any, opt: AutoSNRSlimAdamW) -> None:
         if opt.switched_at is None or self._written_at == opt.switched_at:

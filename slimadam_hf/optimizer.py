@@ -26,6 +26,16 @@ from .functional import IMPLEMENTATIONS, slimadamw
 logger = logging.getLogger(__name__)
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer inside wrappers that hold it as ``.optimizer`` (accelerate, DeepSpeed)."""
+    for _ in range(5):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
 def _as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else float(value)
 

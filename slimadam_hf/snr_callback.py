@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .compress_spec import normalize_spec, segments
+from .optimizer import unwrap_optimizer
 from .snr import candidate_dims, format_dims, snr_stats, stats_to_rows
 from .snr_rules import CSV_COLUMNS, is_norm_name
 
@@ -82,12 +83,6 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
         model = model.module
     return model
-
-
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
-    return optimizer
 
 
 def snr_targets(model: nn.Module, plan: Any = None, preset: Any = "auto") -> list[SNRTarget]:
@@ -179,7 +174,7 @@ def measure_snr(
     optimizer: Any, targets: Iterable[SNRTarget], step: int, _warned: Optional[set[str]] = None
 ) -> list[dict[str, Any]]:
     """SNR rows (CSV dicts) of every target's current second moment; one host transfer in total."""
-    optimizer = _unwrap_optimizer(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     specs = _specs_by_param(optimizer)
     warned = _warned if _warned is not None else set()
     measured: list[tuple[SNRTarget, tuple[int, ...], list[tuple[int, ...]]]] = []

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .optimizer import SlimAdamW
+from .optimizer import SlimAdamW, unwrap_optimizer
 from .plan import CompressionPlan
 
 logger = logging.getLogger("slimadam_hf.trainer")
@@ -97,13 +97,8 @@ def log_plan_summary(optimizer: SlimAdamW) -> None:
 
 def unwrap_slimadam(optimizer: Any) -> Optional[SlimAdamW]:
     """The :class:`SlimAdamW` inside an accelerate/DeepSpeed wrapper, or ``None``."""
-    seen = 0
-    while optimizer is not None and seen < 5:
-        if isinstance(optimizer, SlimAdamW):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
+    inner = unwrap_optimizer(optimizer)
+    return inner if isinstance(inner, SlimAdamW) else None
 
 
 class SlimAdamCallback(TrainerCallback):
