@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .compress_spec import CompressSpec, normalize_spec, second_moment_shape, segments
 from .optimizer import SlimAdamW, unwrap_optimizer
@@ -43,10 +44,7 @@ from .snr_rules import (
     summarize_snr,
 )
 
-try:  # the callback needs transformers; the optimizer does not
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover
-    TrainerCallback = object  # type: ignore[misc,assignment]
+from .trainer_callback import format_bytes, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -460,21 +458,8 @@ def _target_shape(t: SNRTarget) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _state_bytes(opt: SlimAdamW, key: str) -> int:
     return sum(s[key].numel() * s[key].element_size() for s in opt.state.values() if key in s)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return f"{n:,.2f} GiB"
 
 
 def switch_summary(opt: AutoSNRSlimAdamW) -> str:
@@ -486,8 +471,8 @@ def switch_summary(opt: AutoSNRSlimAdamW) -> str:
         f"auto-snr: switched to SlimAdam at step {opt.switched_at} (SNR measured at "
         f"{len({r[0] for r in opt.snr_rows})} steps; cutoff {opt.cutoff:g}, {opt.select}"
         f"{', by role' if opt.by_role else ''}): {chosen} of {len(rules)} tensors/parts compressed; "
-        f"second moments {_fmt_bytes(v_now + opt.freed_bytes)} -> {_fmt_bytes(v_now)} "
-        f"(freed {_fmt_bytes(opt.freed_bytes)})",
+        f"second moments {format_bytes(v_now + opt.freed_bytes)} -> {format_bytes(v_now)} "
+        f"(freed {format_bytes(opt.freed_bytes)})",
     ]
     if opt.plan is not None:
         from .trainer_callback import plan_summary
@@ -497,7 +482,7 @@ def switch_summary(opt: AutoSNRSlimAdamW) -> str:
 
 
 def _log_switch(opt: AutoSNRSlimAdamW) -> None:
-    if _is_main_process():
+    if is_main_process():
         logger.info("%s", switch_summary(opt))
 
 
@@ -549,7 +534,7 @@ def build_auto_snr(
         weight_decay=weight_decay,
         **hyperparams,
     )
-    if _is_main_process():
+    if is_main_process():
         steps = [s for s in range(1, probe_steps + 1) if optimizer.measures_at(s)]
         logger.info(
             "auto-snr: full second moments (AdamW) for the first %d steps, SNR of %d tensors/parts at steps %s, "

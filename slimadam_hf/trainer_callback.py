@@ -50,7 +50,8 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _format_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.50 KiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
@@ -76,8 +77,8 @@ def plan_summary(plan: CompressionPlan) -> str:
         lines.append("  " + "  ".join(cells).rstrip())
     lines.append(
         f"  second moments saved: {plan.second_moment_savings:.2%}; optimizer state "
-        f"{_format_bytes(plan.slimadam_state_bytes)} vs AdamW {_format_bytes(plan.adamw_state_bytes)} "
-        f"({plan.state_bytes_ratio:.1%}, saves {_format_bytes(plan.adamw_state_bytes - plan.slimadam_state_bytes)})"
+        f"{format_bytes(plan.slimadam_state_bytes)} vs AdamW {format_bytes(plan.adamw_state_bytes)} "
+        f"({plan.state_bytes_ratio:.1%}, saves {format_bytes(plan.adamw_state_bytes - plan.slimadam_state_bytes)})"
     )
     for warning in plan.warnings:
         lines.append(f"  warning: {warning}")
