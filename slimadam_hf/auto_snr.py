@@ -28,7 +28,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from .compress_spec import CompressSpec, normalize_spec, second_moment_shape, segments
 from .optimizer import SlimAdamW, unwrap_optimizer
@@ -44,7 +43,7 @@ from .snr_rules import (
     summarize_snr,
 )
 
-from .trainer_callback import format_bytes, is_main_process
+from .trainer_callback import MetricsOnNextLogCallback, format_bytes, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -569,7 +568,7 @@ def build_from_optim_args(model: nn.Module, preset: Any, overrides: Any, weight_
 # -- Trainer callback -------------------------------------------------------------------------------
 
 
-class AutoSNRCallback(TrainerCallback):
+class AutoSNRCallback(MetricsOnNextLogCallback):
     """Saves the rules of an auto-snr run; does nothing for other optimizers.
 
     Writes ``<output_dir>/slimadam_auto_snr_rules.json`` when the switch happens (or at train begin when
@@ -579,8 +578,8 @@ class AutoSNRCallback(TrainerCallback):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._written_at: Optional[int] = None
-        self._pending: Optional[dict[str, float]] = None
 
     @staticmethod
     def _auto(optimizer: Any) -> Optional[AutoSNRSlimAdamW]:
@@ -615,11 +614,3 @@ class AutoSNRCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
             opt.save_rules(checkpoint / RULES_FILENAME)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        if self._pending is None or logs is None:
-            return
-        metrics, self._pending = self._pending, None
-        logs.update(metrics)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)

@@ -102,7 +102,23 @@ def unwrap_slimadam(optimizer: Any) -> Optional[SlimAdamW]:
     return inner if isinstance(inner, SlimAdamW) else None
 
 
-class SlimAdamCallback(TrainerCallback):
+class MetricsOnNextLogCallback(TrainerCallback):
+    """Adds ``self._pending`` metrics to the next Trainer log (and its ``log_history`` entry), once."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, float]] = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        if self._pending is None or logs is None:
+            return
+        metrics, self._pending = self._pending, None
+        logs.update(metrics)
+        # Trainer.log appended a copy of `logs` to the history before calling us.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+class SlimAdamCallback(MetricsOnNextLogCallback):
     """Makes a SlimAdamW run visible; does nothing for other optimizers.
 
     * at train begin (main process): logs the plan summary if it was not logged when the optimizer was
@@ -114,9 +130,6 @@ class SlimAdamCallback(TrainerCallback):
     :func:`slimadam_hf.register` adds it to every ``Trainer``; without ``register()`` pass
     ``callbacks=[SlimAdamCallback()]``.
     """
-
-    def __init__(self) -> None:
-        self._pending: Optional[dict[str, float]] = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: D102
         slim = unwrap_slimadam(optimizer)
@@ -132,17 +145,8 @@ class SlimAdamCallback(TrainerCallback):
             plan.save_json(path)
             logger.debug("SlimAdam plan written to %s", path)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        if self._pending is None or logs is None:
-            return
-        metrics, self._pending = self._pending, None
-        logs.update(metrics)
-        # Trainer.log appended a copy of `logs` to the history before calling us.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
-
-
 __all__ = [
+    "MetricsOnNextLogCallback",
     "PLAN_FILENAME",
     "SlimAdamCallback",
     "ensure_visible_logging",
