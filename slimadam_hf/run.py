@@ -42,7 +42,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise SystemExit(2)
         module = argv[1]
         sys.argv = [module, *argv[2:]]
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:
+            _destroy_process_group()
         return
 
     script = argv[0]
@@ -52,7 +55,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.argv = [script, *argv[1:]]
     # As `python SCRIPT.py` does: the script's folder comes first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear down a process group the script left open (HF example scripts do).
+
+    Left to interpreter exit, a gloo group can abort the process ("terminate called without an active
+    exception") after training has finished, which fails the whole ``accelerate launch``.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
