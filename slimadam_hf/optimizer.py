@@ -312,6 +312,9 @@ class SlimAdamW(Optimizer):
                 converted,
             )
         groups = []
+        # torch casts floating state to the parameter dtype: set the moments aside and re-cast them after.
+        first_moments: dict[Any, Tensor] = {}
+        live_param_of: dict[Any, tuple[dict[str, Any], Tensor]] = {}
         for live, saved in zip(self.param_groups, saved_groups):
             group = {k: v for k, v in saved.items() if k in live and k != "compress"}
             if "compress" in live:
@@ -320,31 +323,18 @@ class SlimAdamW(Optimizer):
             for key in _LIVE_OPTIONS:
                 group[key] = live[key]
             groups.append(group)
-        # torch would cast exp_avg to the parameter dtype; keep it aside and cast it to momentum_dtype.
-        first_moments: dict[Any, Tensor] = {}
-        for live, saved in zip(self.param_groups, saved_groups):
-            if live["momentum_dtype"] is not None:
-                for key in saved["params"]:
-                    m = state.get(key, {}).pop("exp_avg", None)
-                    if m is not None:
-                        first_moments[key] = m
+            for key, p in zip(saved["params"], live["params"]):
+                live_param_of[key] = (live, p)
+                m = state.get(key, {}).pop("exp_avg", None) if live["momentum_dtype"] is not None else None
+                if m is not None:
+                    first_moments[key] = m
         super().load_state_dict({"state": state, "param_groups": groups})
-        # torch casts floating state to the parameter dtype; our second moments stay float32.
-        id_to_param = {
-            key: p
-            for live, saved in zip(self.param_groups, saved_groups)
-            for key, p in zip(saved["params"], live["params"])
-        }
         for key, v in second_moments.items():
-            p = id_to_param[key]
+            _, p = live_param_of[key]
             self.state[p]["exp_avg_sq"] = v.to(dtype=second_moment_dtype(p.dtype), device=p.device)
-        for live, saved in zip(self.param_groups, saved_groups):
-            for key in saved["params"]:
-                if key in first_moments:
-                    p = id_to_param[key]
-                    self.state[p]["exp_avg"] = first_moments[key].to(
-                        dtype=self._momentum_dtype(live, p), device=p.device
-                    )
+        for key, m in first_moments.items():
+            live, p = live_param_of[key]
+            self.state[p]["exp_avg"] = m.to(dtype=self._momentum_dtype(live, p), device=p.device)
 
     @staticmethod
     def _momentum_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
@@ -354,7 +344,6 @@ class SlimAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
+            group.setdefault("foreach", None)
             group.setdefault("implementation", None)
             group.setdefault("momentum_dtype", None)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
