@@ -108,8 +108,12 @@ def main():
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    print("OPTIMIZER", type(trainer.optimizer.optimizer).__name__)
-    print("FINAL", json.dumps({"optim": str(training_args.optim), "step": trainer.state.global_step}))
+    # Markers for the tests. Under `accelerate launch` both ranks share one (unbuffered) pipe, where
+    # print() writes each argument separately: one write per whole line keeps the other rank out of it.
+    sys.stdout.flush()
+    sys.stdout.write(f"OPTIMIZER {type(trainer.optimizer.optimizer).__name__}\n")
+    sys.stdout.write(f"FINAL {json.dumps({'optim': str(training_args.optim), 'step': trainer.state.global_step})}\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
