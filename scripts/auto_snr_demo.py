@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from snr_study import build, tokenize  # noqa: E402
 
 from slimadam_hf import build_slimadam  # noqa: E402
-from slimadam_hf.auto_snr import build_auto_snr  # noqa: E402
+from slimadam_hf import build_auto_snr  # noqa: E402
 
 
 def state_bytes(opt) -> dict[str, int]:
@@ -96,7 +96,7 @@ def main() -> None:
             rows.append(r)
             opt = r["opt"]
             if mode == "auto-snr":
-                from slimadam_hf.auto_snr import switch_summary
+                from slimadam_hf.snr.auto import switch_summary
 
                 print(switch_summary(opt))
             print(f"{kind} {mode}: val loss {r['val']:.4f}; state KiB m {kib(r['final']['exp_avg'])}, "

@@ -8,7 +8,7 @@ loss-vs-LR curve, several seeds. Optimizers:
 * ``AdamW``: ``torch.optim.AdamW``;
 * ``SlimAdam``: the static preset (paper Table 1 rules);
 * ``SlimAdam bf16 m``: the same with ``momentum_dtype=torch.bfloat16``;
-* ``SlimAdam SNR``: rules derived by :mod:`slimadam_hf.snr_callback` / :mod:`slimadam_hf.snr_rules`
+* ``SlimAdam SNR``: rules derived by :mod:`slimadam_hf.snr.recorder` / :mod:`slimadam_hf.snr.rules`
   from an AdamW proxy run at a 10x lower LR (the paper's recipe), pooled by role;
 * ``Adalayer``: SlimAdamW with every >= 2-D tensor averaged over all its dims (one v per tensor);
 * ``Adafactor``: ``torch.optim.Adafactor`` (no momentum);
@@ -255,7 +255,8 @@ def train_lm(
     opt = make_optimizer(opt_name, model, lr, snr_overrides)
     recorder = None
     if recorder_path is not None:
-        from slimadam_hf.snr_callback import SNRRecorder, SNRSchedule
+        from slimadam_hf.snr.recorder import SNRRecorder
+        from slimadam_hf.snr.targets import SNRSchedule
 
         recorder = SNRRecorder(model, recorder_path, SNRSchedule(every=max(1, cfg.steps // 10), first=1))
     batches = Batches(data["train"], cfg.batch, cfg.seq, seed)
@@ -287,7 +288,7 @@ def train_lm(
 def snr_overrides_for(arch: str, lr: float, data: dict[str, Any], cfg: argparse.Namespace, workdir: Path) -> tuple[Optional[dict], str]:
     """Per-role rules from SNR measured along an AdamW proxy run at ``lr / 10``."""
     try:
-        from slimadam_hf.snr_rules import key_infos, read_snr_csv, role_rules, role_rules_override, summarize_snr
+        from slimadam_hf.snr.rules import key_infos, read_snr_csv, role_rules, role_rules_override, summarize_snr
     except ImportError as exc:
         return None, f"SlimAdam SNR: skipped, SNR tools not available ({exc})"
     csv = workdir / f"snr_{arch}.csv"

@@ -213,7 +213,7 @@ class Result:
 def time_interleaved(
     model: nn.Module, names: list[str], repeats: int, warmup: int, device: str
 ) -> tuple[list[Result], list[str]]:
-    from slimadam_hf.fused import compile_stats
+    from slimadam_hf.core.compiled import compile_stats
 
     opts: dict[str, torch.optim.Optimizer] = {}
     results: dict[str, Result] = {}

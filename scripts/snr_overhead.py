@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from slimadam_hf.snr_callback import measure_snr, snr_targets
+from slimadam_hf.snr.targets import measure_snr, snr_targets
 
 
 def build(kind: str, layers: int, width: int, vocab: int):

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from slimadam_hf.roles import DEFAULT_RULES
-from slimadam_hf.snr_callback import SNRRecorder, SNRSchedule
-from slimadam_hf.snr_plot import plot_snr_csv
-from slimadam_hf.snr_rules import key_infos, read_snr_csv, role_rules, summarize_snr
+from slimadam_hf.rules.roles import DEFAULT_RULES
+from slimadam_hf.snr.recorder import SNRRecorder
+from slimadam_hf.snr.targets import SNRSchedule
+from slimadam_hf.snr.plot import plot_snr_csv
+from slimadam_hf.snr.rules import key_infos, read_snr_csv, role_rules, summarize_snr
 
 ROLES = ["token_embedding", "position_embedding", "query", "key", "value", "attention_output",
          "mlp_gate", "mlp_up", "mlp_down", "lm_head"]

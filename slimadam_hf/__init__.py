@@ -1,28 +1,30 @@
 """slimadam-hf: SlimAdam (AdamW with compressed second moments) for the Hugging Face stack."""
 
-from .compress_spec import CompressSpec, CompressSpecError
-from .distributed import UnsupportedShardingError
-from .factory import build_slimadam, decay_parameter_names, slimadam_param_groups
-from .layouts import Layout, register_layout
-from .optimizer import SlimAdamW
-from .plan import CompressionPlan, PartPlan, PlanEntry, plan_compression
-from .presets import Preset, PresetError, available_presets, load_overrides, load_preset
-from .roles import DEFAULT_RULES, ROLES, RuleError
+from .core.compress_spec import CompressSpec, CompressSpecError
+from .core.options import OptionsError, SlimAdamConfig
+from .distributed.guards import UnsupportedShardingError
+from .optim.optimizer import SlimAdamW
+from .optim.recompress import compress_in_place
+from .rules.builder import build_slimadam, decay_parameter_names, slimadam_param_groups
+from .rules.layouts import Layout, register_layout
+from .rules.plan import CompressionPlan, PartPlan, PlanEntry
+from .rules.planner import plan_compression
+from .rules.presets import Preset, PresetError, available_presets, load_overrides, load_preset
+from .rules.roles import DEFAULT_RULES, ROLES, RuleError
 
 __version__ = "0.1.0"
 
-# The Trainer integration imports transformers.Trainer (and, through it, peft): load it on first use
-# so that `import slimadam_hf` stays light for plain PyTorch loops and the CLI.
+# The Hugging Face layer imports transformers.Trainer (and, through it, peft), and the SNR tooling is
+# for a minority of runs: load them on first use so that `import slimadam_hf` stays light.
 _LAZY = {
-    "AutoSNRCallback": "auto_snr",
-    "AutoSNRSlimAdamW": "auto_snr",
-    "build_auto_snr": "auto_snr",
-    "compress_in_place": "auto_snr",
-    "SNRCallback": "snr_callback",
-    "SNRRecorder": "snr_callback",
-    "SlimAdamCallback": "trainer_callback",
-    "SlimAdamFactory": "trainer_integration",
-    "register": "trainer_integration",
+    "AutoSNRCallback": "hf.snr_callbacks",
+    "AutoSNRSlimAdamW": "snr.auto",
+    "build_auto_snr": "snr.auto_build",
+    "SNRCallback": "hf.snr_callbacks",
+    "SNRRecorder": "snr.recorder",
+    "SlimAdamCallback": "hf.callbacks",
+    "SlimAdamFactory": "hf.factory",
+    "register": "hf.register",
 }
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "CompressSpecError",
     "CompressionPlan",
     "DEFAULT_RULES",
+    "OptionsError",
     "Layout",
     "PartPlan",
     "PlanEntry",
@@ -50,6 +53,7 @@ __all__ = [
     "ROLES",
     "RuleError",
     "SlimAdamCallback",
+    "SlimAdamConfig",
     "SlimAdamFactory",
     "SlimAdamW",
     "UnsupportedShardingError",

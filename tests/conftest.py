@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,11 +14,3 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-
-
-@pytest.fixture
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not beside the repository")
-    return SHARED

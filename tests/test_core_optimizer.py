@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from slimadam_hf import SlimAdamW, build_slimadam, plan_compression, slimadam_param_groups
-from slimadam_hf.compress_spec import CompressSpecError
+from slimadam_hf.core.compress_spec import CompressSpecError
 from tiny_models import tiny_model
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -227,12 +228,25 @@ def test_state_dict_round_trip_through_weights_only_load_continues_exactly():
 
 
 def test_load_accepts_lists_for_tuples_like_accelerate_produces():
-    model, opt, _ = _trained_opt()
-    state = opt.state_dict()
+    model, opt, x = _trained_opt()
+    state = copy.deepcopy(opt.state_dict())
+    listed = 0
     for group in state["param_groups"]:
         if "compress" in group:
+            listed += sum(isinstance(s, tuple) for s in group["compress"])
             group["compress"] = [list(s) if isinstance(s, tuple) else s for s in group["compress"]]
-    build_slimadam(model).load_state_dict(state)
+    assert listed > 0  # the round trip below really sees lists
+    clone = tiny_model("gpt2")
+    clone.load_state_dict(model.state_dict())
+    loaded = build_slimadam(clone, lr=1e-3)
+    loaded.load_state_dict(state)
+    for live, restored in zip(opt.param_groups, loaded.param_groups):
+        assert restored.get("compress") == live.get("compress")  # the live (tuple) specs are kept
+    for m, o in ((model, opt), (clone, loaded)):
+        m(input_ids=x, labels=x).loss.backward()
+        o.step()
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_load_with_a_different_plan_names_the_parameter():

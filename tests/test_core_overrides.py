@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import REPO_ROOT
 from slimadam_hf import PresetError, RuleError, available_presets, plan_compression
-from slimadam_hf.compress_spec import CompressSpecError
+from slimadam_hf.core.compress_spec import CompressSpecError
 from tiny_models import tiny_model
 
 
@@ -35,8 +36,8 @@ class NanoGPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
 
-def test_authors_json_rules_apply_exactly(shared_dir):
-    rules_file = shared_dir / "paper_data" / "slimadam_C1.0_rules.json"
+def test_authors_json_rules_apply_exactly():
+    rules_file = REPO_ROOT / "tests" / "data" / "paper_data" / "slimadam_C1.0_rules.json"
     rules = json.loads(rules_file.read_text())
     plan = plan_compression(NanoGPT(), preset="generic", overrides=rules_file)
     assert {e.name for e in plan.entries} == set(rules)

@@ -166,3 +166,18 @@ def test_mixed_precision_state_bytes_keep_float32_second_moment():
     plan = plan_compression(tiny_model("llama", dtype=torch.bfloat16))
     assert plan.adamw_state_bytes == sum(2 * 2 * e.numel for e in plan.entries)
     assert plan.slimadam_state_bytes == sum(2 * e.numel + 4 * e.second_moment_numel for e in plan.entries)
+
+
+def test_gpt2_cross_attention_is_compressed_per_part():
+    """GPT-2 with cross-attention: q_attn is the query, the cross c_attn is K|V, nothing is left unmatched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32, add_cross_attention=True)
+    plan = plan_compression(GPT2LMHeadModel(config))
+    assert plan.warnings == []
+    q = plan["transformer.h.0.crossattention.q_attn.weight"]
+    assert (q.role, q.dims) == ("query", (0,))  # Conv1D (in, out): fan_in is dim 0
+    kv = plan["transformer.h.0.crossattention.c_attn.weight"]
+    assert [(p.role, p.size, p.dims) for p in kv.parts] == [("key", 16, (0,)), ("value", 16, (1,))]
+    out = plan["transformer.h.0.crossattention.c_proj.weight"]
+    assert (out.role, out.dims) == ("attention_output", (1,))

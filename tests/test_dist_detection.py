@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from slimadam_hf import SlimAdamW
-from slimadam_hf.distributed import UnsupportedShardingError, flat_backend
+from slimadam_hf.distributed.guards import UnsupportedShardingError, flat_backend
 
 
 def _groups():

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 
 import slimadam_hf
-from slimadam_hf.presets import canonical_name
+from slimadam_hf.rules.presets import canonical_name
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_assets import RandomTokens, params_of, tiny_gpt2, tiny_llama, training_args  # noqa: E402

@@ -14,10 +14,12 @@ from transformers import Trainer
 
 import slimadam_hf
 from slimadam_hf import SlimAdamFactory, SlimAdamW, build_slimadam, plan_compression
-from slimadam_hf.auto_snr import RULES_FILENAME, AutoSNRSlimAdamW, build_auto_snr, compress_in_place
-from slimadam_hf.compress_spec import compress_second_moment, segments, specs_equal
-from slimadam_hf.snr_callback import SNRRecorder, SNRSchedule
-from slimadam_hf.snr_rules import rules_from_csv
+from slimadam_hf import AutoSNRSlimAdamW, build_auto_snr, compress_in_place
+from slimadam_hf.snr.auto import RULES_FILENAME
+from slimadam_hf.core.compress_spec import compress_second_moment, segments, specs_equal
+from slimadam_hf.snr.recorder import SNRRecorder
+from slimadam_hf.snr.targets import SNRSchedule
+from slimadam_hf.snr.rules import rules_from_csv
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_assets import RandomTokens, tiny_gpt2, tiny_llama, training_args  # noqa: E402

@@ -1,4 +1,4 @@
-"""SNR math (slimadam_hf.snr) against an independent float64 numpy reference."""
+"""SNR math (slimadam_hf.snr.stats) against an independent float64 numpy reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from slimadam_hf.snr import candidate_dims, format_dims, parse_dims, snr_stats, snr_table, stats_to_rows
+from slimadam_hf.core.compress_spec import parse_dims
+from slimadam_hf.snr.stats import candidate_dims, format_dims, snr_stats, snr_table, stats_to_rows
 
 
 def reference(v: np.ndarray, dims: tuple[int, ...]) -> tuple[float, float, float]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from slimadam_hf.snr_rules import (
+from slimadam_hf.rules.roles import is_norm_name
+from slimadam_hf.snr.rules import (
     compressed_fraction,
-    is_norm_name,
     read_snr_csv,
     rules_from_csv,
     rules_to_json,
@@ -19,13 +19,12 @@ from slimadam_hf.snr_rules import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = ROOT.parent / "shared" / "paper_data"
-TAIL = "_True_wd0.1_bs32_b0.9_b0.95_eps1e-08_full_adam.csv"
+PAPER = ROOT / "tests" / "data" / "paper_data"  # the authors' files, shipped with the tests (MIT)
+TAIL = "_True_wd0.1_bs32_b0.9_b0.95_eps1e-08_full_adam.csv.gz"
 CSV_LO = PAPER / f"snr_gpt2_fineweb_SlimAdamW_T5000_ga40_d12_h12_n768_lr0.0003{TAIL}"
 CSV_HI = PAPER / f"snr_gpt2_fineweb_SlimAdamW_T5000_ga40_d12_h12_n768_lr0.003{TAIL}"
 RULES = PAPER / "slimadam_C1.0_rules.json"
 
-needs_paper = pytest.mark.skipif(not CSV_LO.exists(), reason=f"paper data not found at {PAPER}")
 
 HEADER = "step,key,shape,compress_dims,snr,mean_sqr,var\n"
 
@@ -36,7 +35,6 @@ def _write(tmp_path: Path, lines: list[str]) -> Path:
     return p
 
 
-@needs_paper
 def test_reproduces_authors_rules_file_byte_for_byte(tmp_path):
     rules = rules_from_csv(CSV_LO, cutoff=1.0)
     expected = json.loads(RULES.read_text())
@@ -49,7 +47,6 @@ def test_reproduces_authors_rules_file_byte_for_byte(tmp_path):
     assert out.read_bytes() == RULES.read_bytes()
 
 
-@needs_paper
 def test_high_lr_leaves_32_of_74_matrices_full():
     summaries = summarize_snr(read_snr_csv(CSV_HI))
     rules = select_rules(summaries)
@@ -131,9 +128,8 @@ def test_bad_csv_names_the_fix(tmp_path):
         read_snr_csv(p)
 
 
-@needs_paper
 def test_plots_are_written(tmp_path):
-    from slimadam_hf.snr_plot import depth_pattern, plot_snr_csv
+    from slimadam_hf.snr.plot import depth_pattern, plot_snr_csv
 
     assert depth_pattern("transformer.h.11.attn.q_proj.weight") == "transformer.h.*.attn.q_proj.weight"
     paths = plot_snr_csv(CSV_LO, tmp_path, cutoff=1.0)

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 import slimadam_hf
-from slimadam_hf.compress_spec import compress_second_moment
+from slimadam_hf.core.compress_spec import compress_second_moment
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_assets import RandomTokens, max_abs_diff, params_of, tiny_gpt2, training_args  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from slimadam_hf import SlimAdamW, build_slimadam
-from slimadam_hf.distributed import UnsupportedShardingError
+from slimadam_hf.distributed.guards import UnsupportedShardingError
 
 from . import models
 

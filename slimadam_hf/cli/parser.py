@@ -1,0 +1,44 @@
+"""The ``slimadam`` argument parser (argparse only: building it imports neither torch nor transformers)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .snr import add_subcommands as add_snr_subcommands
+from .tasks import TASKS
+
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import run_inspect
+
+    return run_inspect(args)
+
+
+def _add_inspect(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show what SlimAdam compresses for a model config and how much memory it saves",
+        description="Build the model on the meta device (no weights, no memory) and print its SlimAdam plan.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-type", help="a transformers model_type, e.g. gpt2, llama, vit, bert")
+    source.add_argument("--config", help="a local config.json or model directory")
+    p.add_argument("--config-overrides", help="comma-separated key=value config fields, e.g. hidden_size=2048")
+    p.add_argument("--task", choices=sorted(TASKS), help="which model head to build (default: first that fits)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter dtype (default: config's)")
+    p.add_argument("--preset", default="auto", help="preset name or YAML path (default: auto)")
+    p.add_argument("--overrides", help="YAML override or authors' JSON rules file")
+    p.add_argument("--all-layers", action="store_true", help="one row per tensor instead of collapsing layers")
+    p.add_argument("--width", type=int, default=150, help="table width in characters")
+    p.add_argument("--json", help="also write the per-parameter plan as JSON to this path")
+    p.set_defaults(func=_run_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimadam", description="SlimAdam for Hugging Face models")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_inspect(subparsers)
+    add_snr_subcommands(subparsers)
+    return parser

@@ -1,0 +1,6 @@
+"""The math of SlimAdam: compress specs, options, and the update (reference, foreach, compiled)."""
+
+from .compress_spec import CompressSpec, CompressSpecError
+from .options import SlimAdamConfig
+
+__all__ = ["CompressSpec", "CompressSpecError", "SlimAdamConfig"]

@@ -1,0 +1,280 @@
+"""SlimAdamW on DTensor parameters (FSDP2, tensor parallel): exact statistics, then the usual update.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) and tensor parallelism hand the optimizer ``DTensor``
+parameters that keep their global shape, so per-tensor compression stays possible:
+
+* a compressed dim that is *not* sharded is averaged locally; the second moment is sharded like the
+  parameter (``Shard(d)`` on the mesh dims that shard a kept dim);
+* a compressed dim that *is* sharded needs a global mean: each rank sums ``g**2`` over its shard, and
+  one all-reduce per mesh dim (batched over every such parameter of every param group) adds the
+  partial sums up. That second moment is ``Replicate`` on those mesh dims, identical on every rank;
+* a split (fused) parameter keeps one flat second moment holding every part; under sharding it is
+  replicated and refreshed by the same batched all-reduce (each rank fills in the entries it owns).
+
+This module only prepares the local shards: :func:`local_inputs` gives a parameter's local tensors, its
+local compress segments and its partial statistics, and :func:`all_reduce_statistics` sums those over
+the ranks. The update itself is :func:`slimadam_hf.core.functional.slimadamw`, the same one plain
+tensors use. Second moments are DTensors with the single-process global shape, so
+``torch.distributed.checkpoint`` (sharded or full state dicts) and accelerate save, load and reshard
+them like any other state.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..core.compress_spec import CompressSpec, Segment, second_moment_dtype, second_moment_shape, segments
+from .guards import UnsupportedShardingError
+
+# Per-optimizer layout cache, kept off the optimizer so that pickling or deep-copying it is unaffected.
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one DTensor parameter's second moment is stored, reduced and updated on this rank."""
+
+    mesh: Any
+    v_placements: tuple
+    v_global_shape: tuple[int, ...]
+    v_local_shape: tuple[int, ...]
+    reduce_mesh_dims: tuple[int, ...]  # mesh dims whose partial sums must be added up
+    split: bool
+    segments: tuple[Segment, ...]  # over the local shard (split parts: the rank's slice of each part)
+    counts: tuple[int, ...]  # per segment: global number of gradient entries in one second-moment entry
+
+
+@dataclass
+class LocalInputs:
+    """One DTensor parameter's local tensors for :func:`slimadam_hf.core.functional.slimadamw`."""
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
+    segments: tuple[Segment, ...]
+    stats: Optional[list[Tensor]]  # per segment mean(g**2) (partial until all-reduced); None: use g*g
+    layout: _Layout
+    reduce: list[Tensor]  # buffers to all-reduce (the stats, or the flat buffer they view)
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _shard_dim(placement: Any) -> Optional[int]:
+    from torch.distributed.tensor import Shard
+
+    return placement.dim if isinstance(placement, Shard) else None
+
+
+def _build_layout(param: Tensor, spec: CompressSpec, name: str) -> _Layout:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    shape = tuple(param.shape)
+    for placement in placements:
+        if not (isinstance(placement, (Shard, Replicate))):
+            raise UnsupportedShardingError(
+                f"SlimAdamW: parameter {name!r} has placement {placement}; only Shard and Replicate "
+                "placements are supported (strided shards, from FSDP2 over tensor parallelism on the same "
+                "dim, are not yet). Shard FSDP2 and tensor parallelism on different dims, or use FSDP2 alone."
+            )
+    segs = segments(spec, shape, name)
+    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    sharded_mesh_dims = tuple(i for i, pl in enumerate(placements) if _shard_dim(pl) is not None)
+
+    if segs[0].split_dim is None:
+        dims = segs[0].dims
+        dims_set = set(dims or ())
+        v_placements = tuple(
+            Replicate() if _shard_dim(pl) is not None and _shard_dim(pl) in dims_set else pl for pl in placements
+        )
+        reduce_dims = tuple(i for i in sharded_mesh_dims if _shard_dim(placements[i]) in dims_set)
+        v_local = tuple(1 if d in dims_set else s for d, s in enumerate(local_shape))
+        count = math.prod(shape[d] for d in dims_set) if dims else 1
+        local_seg = Segment(None, 0, local_shape[0] if local_shape else 1, dims, 0, v_local)
+        return _Layout(mesh, v_placements, segs[0].v_shape, v_local, reduce_dims, False, (local_seg,), (count,))
+
+    # Split parameter: one flat, replicated second moment; each rank fills in the box it owns.
+    if any(type(placements[i]) is not Shard for i in sharded_mesh_dims):
+        raise UnsupportedShardingError(
+            f"SlimAdamW: split parameter {name!r} has placements {placements}; split (fused) weights "
+            "need plain Shard placements (contiguous shards). Give it an unsplit compress spec instead."
+        )
+    local_segs, counts = [], []
+    for seg in segs:
+        sd = seg.split_dim
+        start = max(seg.offset, offset[sd])
+        stop = min(seg.offset + seg.size, offset[sd] + local_shape[sd])
+        length = max(0, stop - start)
+        local_start, box_start = (start - offset[sd], start - seg.offset) if length else (0, 0)
+        dims_set = set(seg.dims or ())
+        box = []
+        for d in range(len(shape)):
+            if d in dims_set:
+                continue
+            if d == sd:
+                box.append((d, box_start, length))
+            elif local_shape[d] != shape[d]:
+                box.append((d, offset[d], local_shape[d]))
+        seg_shape = shape[:sd] + (seg.size,) + shape[sd + 1 :]
+        counts.append(math.prod(seg_shape[d] for d in dims_set) if seg.dims else 1)
+        local_segs.append(Segment(sd, local_start, length, seg.dims, seg.v_offset, seg.v_shape, tuple(box)))
+    v_shape = second_moment_shape(spec, shape, name)
+    return _Layout(
+        mesh, tuple(Replicate() for _ in placements), v_shape, v_shape, sharded_mesh_dims, True,
+        tuple(local_segs), tuple(counts),
+    )
+
+
+def _layout(owner: Any, param: Tensor, spec: CompressSpec, name: str) -> _Layout:
+    cache = _LAYOUTS.setdefault(owner, {})
+    key = (tuple(param.shape), tuple(param.placements), param.device_mesh, repr(spec))
+    layout = cache.get(key)
+    if layout is None:
+        layout = cache[key] = _build_layout(param, spec, name)
+    return layout
+
+
+# -- state --------------------------------------------------------------------------------------
+
+
+def _localize(tensor: Tensor, like_mesh: Any, placements: tuple, global_shape: tuple[int, ...], name: str) -> Tensor:
+    """``tensor`` as a DTensor with ``placements``: redistributed, or sliced from a full plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if isinstance(tensor, DTensor):
+        if tuple(tensor.placements) != tuple(placements):
+            tensor = tensor.redistribute(like_mesh, placements)
+        return tensor
+    if tuple(tensor.shape) != tuple(global_shape):
+        raise ValueError(
+            f"SlimAdamW: optimizer state of parameter {name!r} has shape {list(tensor.shape)}, expected the "
+            f"global shape {list(global_shape)}; load sharded checkpoints with torch.distributed.checkpoint"
+        )
+    if any(isinstance(pl, Shard) and type(pl) is not Shard for pl in placements):
+        raise ValueError(
+            f"SlimAdamW: cannot slice a full optimizer state for {name!r} onto strided shards {placements}; "
+            "load it through torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+        )
+    local_shape, offset = compute_local_shape_and_global_offset(global_shape, like_mesh, placements)
+    local = tensor
+    for d, (size, start) in enumerate(zip(local_shape, offset)):
+        if size != global_shape[d]:
+            local = local.narrow(d, start, size)
+    return DTensor.from_local(
+        local.contiguous(), like_mesh, placements, run_check=False,
+        shape=torch.Size(global_shape), stride=_contiguous_stride(global_shape),
+    )
+
+
+def _init_state(
+    state: dict[str, Any], param: Tensor, layout: _Layout, name: str, momentum_dtype: torch.dtype
+) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, dtype=momentum_dtype)
+        local_v = torch.zeros(
+            layout.v_local_shape, dtype=second_moment_dtype(param.dtype), device=param.to_local().device
+        )
+        state["exp_avg_sq"] = DTensor.from_local(
+            local_v, layout.mesh, layout.v_placements, run_check=False,
+            shape=torch.Size(layout.v_global_shape), stride=_contiguous_stride(layout.v_global_shape),
+        )
+        return state
+    # State loaded from a plain (single-process or gathered) state dict: shard it like the parameter.
+    state["exp_avg"] = _localize(state["exp_avg"], param.device_mesh, tuple(param.placements), tuple(param.shape), name)
+    state["exp_avg_sq"] = _localize(
+        state["exp_avg_sq"], layout.mesh, layout.v_placements, layout.v_global_shape, name
+    )
+    return state
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def _local_mean(g: Tensor, dims: Optional[tuple[int, ...]], dtype: torch.dtype, count: int) -> Tensor:
+    g = g.to(dtype)
+    if dims is None:
+        return g * g
+    return (g * g).sum(dim=dims, keepdim=True).div_(count)
+
+
+def local_inputs(
+    owner: Any, state: dict[str, Any], param: Tensor, spec: CompressSpec, name: str, momentum_dtype: torch.dtype
+) -> LocalInputs:
+    """``param``'s local shards, state (created or sharded on first use) and partial statistics.
+
+    ``owner`` keys the layout cache (the optimizer). The statistics are this rank's share of each
+    segment's ``mean(g**2)``; :func:`all_reduce_statistics` completes them.
+    """
+    layout = _layout(owner, param, spec, name)
+    state = _init_state(state, param, layout, name, momentum_dtype)
+    grad = param.grad
+    if tuple(grad.placements) != tuple(param.placements):
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    g = grad.to_local()
+    v = state["exp_avg_sq"].to_local()
+    stats: Optional[list[Tensor]] = None
+    reduce: list[Tensor] = []
+    if layout.split:
+        flat = torch.zeros_like(v)
+        stats = []
+        for seg, count in zip(layout.segments, layout.counts):
+            stat = seg.second_moment_view(flat)
+            seg.denominator_view(stat).add_(_local_mean(seg.view(g), seg.dims, v.dtype, count))
+            stats.append(stat)
+        reduce = [flat]
+    elif layout.segments[0].dims is not None:
+        seg = layout.segments[0]
+        stats = [_local_mean(g, seg.dims, v.dtype, layout.counts[0])]
+        reduce = stats
+    return LocalInputs(
+        param.to_local(), g, state["exp_avg"].to_local(), v, state["step"], layout.segments, stats, layout,
+        reduce if layout.reduce_mesh_dims else [],
+    )
+
+
+def all_reduce_statistics(items: Sequence[LocalInputs]) -> tuple[int, int]:
+    """Sum partial statistics over the mesh dims that shard them: one all-reduce per (mesh, mesh dim, dtype).
+
+    Returns the number of all-reduce calls and the bytes they carried.
+    """
+    import torch.distributed as dist
+
+    # Equal meshes (FSDP2 builds one per fully_shard call) share a bucket.
+    buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+    for item in items:
+        for mesh_dim in item.layout.reduce_mesh_dims:
+            for stat in item.reduce:
+                buckets[(item.layout.mesh, mesh_dim, stat.dtype, stat.device)].append(stat)
+    calls = nbytes = 0
+    for (mesh, mesh_dim, _, _), stats in buckets.items():
+        flat = torch.cat([s.reshape(-1) for s in stats])
+        if flat.device.type != mesh.device_type:  # CPU-resident shards on a cuda/nccl mesh
+            flat = flat.to(mesh.device_type)
+        dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
+        calls += 1
+        nbytes += flat.numel() * flat.element_size()
+        offset = 0
+        for s in stats:
+            s.copy_(flat[offset : offset + s.numel()].view_as(s))
+            offset += s.numel()
+    return calls, nbytes

@@ -1,0 +1,197 @@
+"""Compression plans: which dims each trainable parameter's second moment is averaged over (the data)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..core.compress_spec import CompressSpec, second_moment_numel
+from .presets import canonical_name
+from .render import render_plan
+from .roles import Rule
+
+@dataclass(frozen=True)
+class PartPlan:
+    """One part of a split (fused) weight."""
+
+    role: str
+    rule: Rule
+    size: int
+    dims: Optional[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """The plan for one trainable parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    owner: str
+    role: str
+    rule: Rule
+    dims: Optional[tuple[int, ...]]
+    parts: Optional[tuple[PartPlan, ...]] = None
+    split_dim: Optional[int] = None
+    aliases: tuple[str, ...] = ()
+    decided_by: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def spec(self) -> CompressSpec:
+        """The compress spec the optimizer uses for this parameter."""
+        if self.parts is None:
+            return self.dims
+        if all(part.dims is None for part in self.parts):
+            return None
+        return {
+            "split_dim": self.split_dim,
+            "sizes": [part.size for part in self.parts],
+            "dims": [None if part.dims is None else list(part.dims) for part in self.parts],
+        }
+
+    @property
+    def second_moment_numel(self) -> int:
+        return second_moment_numel(self.spec, self.shape, self.name)
+
+    @property
+    def compressed(self) -> bool:
+        return self.spec is not None
+
+    def pieces(self) -> list[tuple[str, Rule, int, int]]:
+        """``(role, rule, parameters, second-moment entries kept)`` for the tensor or each split part."""
+        if self.parts is None:
+            return [(self.role, self.rule, self.numel, self.second_moment_numel)]
+        result = []
+        for part in self.parts:
+            part_shape = list(self.shape)
+            part_shape[self.split_dim] = part.size
+            kept = math.prod(1 if i in (part.dims or ()) else n for i, n in enumerate(part_shape))
+            result.append((part.role, part.rule, math.prod(part_shape), kept))
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "owner": self.owner,
+            "role": self.role,
+            "rule": self.rule,
+            "dims": None if self.dims is None else list(self.dims),
+            "parts": None
+            if self.parts is None
+            else [
+                {"role": p.role, "rule": p.rule, "size": p.size, "dims": None if p.dims is None else list(p.dims)}
+                for p in self.parts
+            ],
+            "aliases": list(self.aliases),
+            "second_moment_numel": self.second_moment_numel,
+            "numel": self.numel,
+            "decided_by": self.decided_by,
+        }
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+@dataclass
+class CompressionPlan:
+    """Per-parameter compression decisions for a model, with memory totals."""
+
+    entries: list[PlanEntry]
+    preset: str
+    model_type: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> PlanEntry:
+        for entry in self.entries:
+            if name == entry.name or name in entry.aliases or canonical_name(entry.name) == name:
+                return entry
+        raise KeyError(name)
+
+    def specs(self) -> dict[str, CompressSpec]:
+        """Parameter name -> compress spec."""
+        return {e.name: e.spec for e in self.entries}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def second_moment_numel(self) -> int:
+        return sum(e.second_moment_numel for e in self.entries)
+
+    @property
+    def second_moment_savings(self) -> float:
+        """Fraction (0..1) of AdamW's second-moment entries that SlimAdamW does not keep."""
+        total = self.num_parameters
+        return 0.0 if total == 0 else 1.0 - self.second_moment_numel / total
+
+    @property
+    def adamw_state_bytes(self) -> int:
+        """Optimizer-state bytes of torch AdamW (exp_avg and exp_avg_sq in the parameter dtype)."""
+        return sum(2 * e.numel * _bytes(e.dtype) for e in self.entries)
+
+    @property
+    def slimadam_state_bytes(self) -> int:
+        """Optimizer-state bytes of SlimAdamW (full exp_avg, float32 compressed exp_avg_sq)."""
+        return sum(e.numel * _bytes(e.dtype) + 4 * e.second_moment_numel for e in self.entries)
+
+    @property
+    def state_bytes_ratio(self) -> float:
+        return self.slimadam_state_bytes / max(self.adamw_state_bytes, 1)
+
+    def role_summary(self) -> list[dict[str, Any]]:
+        """Per role (split parts under their own roles): tensors, parameters, rule, entries kept."""
+        rows: dict[str, dict[str, Any]] = {}
+        for entry in self.entries:
+            for role, rule, numel, kept in entry.pieces():
+                row = rows.setdefault(role, {"role": role, "tensors": 0, "parameters": 0, "kept": 0, "rules": set()})
+                row["tensors"] += 1
+                row["parameters"] += numel
+                row["kept"] += kept
+                row["rules"].add(str(rule))
+        for row in rows.values():
+            row["rule"] = "/".join(sorted(row.pop("rules")))
+            row["saved"] = 1.0 - row["kept"] / max(row["parameters"], 1)
+        return list(rows.values())
+
+    def totals(self) -> dict[str, float]:
+        """Numbers worth logging as metrics."""
+        return {
+            "slimadam/second_moment_savings": self.second_moment_savings,
+            "slimadam/state_bytes": self.slimadam_state_bytes,
+            "slimadam/adamw_state_bytes": self.adamw_state_bytes,
+            "slimadam/state_ratio_vs_adamw": self.state_bytes_ratio,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "model_type": self.model_type,
+            "totals": self.totals(),
+            "warnings": list(self.warnings),
+            "parameters": [e.to_dict() for e in self.entries],
+        }
+
+    def save_json(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def render(self, width: Optional[int] = None, collapse_layers: bool = True, by: str = "tensor") -> str:
+        """The plan as text: see :func:`slimadam_hf.rules.render.render_plan`."""
+        return render_plan(self, width=width, collapse_layers=collapse_layers, by=by)
+
+    def __str__(self) -> str:
+        return self.render()

@@ -1,0 +1,1 @@
+"""SNR analysis: the statistic, what is measured, the recorder, rules from SNR, plots, and the auto-SNR mode."""
