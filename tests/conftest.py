@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,3 +15,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Every test starts from the same random state, whatever ran before it: no order-dependent data."""
+    torch.manual_seed(0)

@@ -5,7 +5,6 @@ All checks share one spawn (tests/dist_workers/suite.py); process start-up domin
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -98,7 +97,6 @@ def test_fsdp1_is_refused_with_a_clear_error(results):
     assert "_fsdp_wrapped_module._flat_param" in r["use_orig_params=False:build_slimadam"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_zero_stages(tmp_path):
     r = harness.spawn(refusals.deepspeed_zero, 2, tmp_path)
     assert "error" not in r["stage0"], r["stage0"]

@@ -134,7 +134,6 @@ def test_trainer_callback(tmp_path):
 def _role_rules_by_hand(csv_path, cutoff):
     """Independent reference for `rules --by-role` (mean aggregate): per role, each candidate's SNR averaged
     over steps, then over the role's tensors; the highest mean above the cutoff wins, else none."""
-    import csv
     import json
     from collections import defaultdict
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slimadam_hf.rules.roles import is_norm_name
 from slimadam_hf.snr.rules import (
@@ -136,3 +137,20 @@ def test_plots_are_written(tmp_path):
     assert [p.name for p in paths] == ["snr_heatmap.png", "snr_over_steps.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("csv_path,differs", [(CSV_LO, set()), (CSV_HI, {"token_embedding", "query"})])
+def test_authors_snr_by_role_matches_table_1_as_docs_snr_says(tmp_path, csv_path, differs):
+    """docs/snr.md: with docs/snr_data/nanogpt.yaml, lr 3e-4 gives Table 1 for all 8 roles; lr 3e-3 differs
+    only for token_embedding and query, which become none."""
+    from slimadam_hf.cli import main
+    from slimadam_hf.rules.roles import DEFAULT_RULES
+
+    out = tmp_path / "roles.yaml"
+    preset = ROOT / "docs" / "snr_data" / "nanogpt.yaml"
+    assert main(["rules", "--snr", str(csv_path), "--by-role", "--preset", str(preset), "--torch-layout",
+                 "-o", str(out)]) == 0
+    rules = yaml.safe_load(out.read_text())["rules"]
+    assert len(rules) == 8
+    assert {role for role, rule in rules.items() if rule != DEFAULT_RULES[role]} == differs
+    assert all(rules[role] == "none" for role in differs)

@@ -157,7 +157,7 @@ def plan_compression(
         model: any ``nn.Module``; a Hugging Face model's ``config.model_type`` picks the preset when
             ``preset="auto"``. Models on the meta device work (only shapes are read).
         preset: ``"auto"``, a shipped preset name (``gpt2``, ``llama``, ``vit``, ``bert``, ``generic``),
-            a path to a YAML preset, or a :class:`~slimadam_hf.presets.Preset`.
+            a path to a YAML preset, or a :class:`~slimadam_hf.rules.presets.Preset`.
         overrides: a YAML override (preset schema), an authors'-format JSON rules file
             ``{param: [dims] | null}``, or a dict in the preset schema; merged on top of the preset.
 

@@ -2,8 +2,8 @@
 
 For the first ``probe_steps`` optimizer steps an :class:`AutoSNRSlimAdamW` runs with full second
 moments (exactly AdamW) and measures the SNR of every matrix's second moment (every ``probe_every``
-steps and at ``probe_steps``; :mod:`slimadam_hf.snr_callback`). At the end of step ``probe_steps`` it
-derives one rule per tensor, or per part of a split weight (:mod:`slimadam_hf.snr_rules`: time-mean
+steps and at ``probe_steps``; :mod:`slimadam_hf.snr.targets`). At the end of step ``probe_steps`` it
+derives one rule per tensor, or per part of a split weight (:mod:`slimadam_hf.snr.rules`: time-mean
 SNR, the highest candidate above ``cutoff``; ``by_role=True`` pools each role across depth), and
 replaces each chosen second moment by its mean over the chosen dims (:func:`compress_in_place`). From
 then on it is a SlimAdamW with those rules, and the full second moments are freed.
@@ -111,7 +111,7 @@ class AutoSNRSlimAdamW(SlimAdamW):
     Args:
         params: ``(name, tensor)`` pairs or groups of them, with nothing compressed.
         targets: the tensors (and split parts) to measure, from
-            :func:`slimadam_hf.snr_callback.snr_targets`; tensors not among them stay full.
+            :func:`slimadam_hf.snr.targets.snr_targets`; tensors not among them stay full.
         probe_steps: optimizer steps with full second moments; the switch happens at the end of this step.
         probe_every: measure SNR at every multiple of this step count and at ``probe_steps``
             (default ``max(1, probe_steps // 4)``: four measurements, skipping the first steps as the paper does).
