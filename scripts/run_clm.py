@@ -6,10 +6,11 @@ scratch or from a local checkpoint on local text files, and trains a byte-level 
 training files when no tokenizer is given. With no arguments it trains a small GPT-2 on six
 Shakespeare plays shipped in ``scripts/data/shakespeare`` (five for training, *Julius Caesar* for
 evaluation) with ``--optim slimadam`` in a few minutes on two CPU cores, then prints the final eval
-loss beside the optimizer memory saved::
+loss beside what AdamW reaches on the same run (measured for the default run; ``--compare adamw``
+measures it for any settings) and the optimizer memory saved::
 
     python scripts/run_clm.py --optim slimadam --output_dir runs/clm-shakespeare
-    python scripts/run_clm.py --optim adamw_torch --output_dir runs/clm-adamw     # the AdamW baseline
+    python scripts/run_clm.py --compare adamw                  # also train AdamW, print both losses
     python scripts/run_clm.py --train_file my.txt --validation_file val.txt \\
         --model_name_or_path path/to/local/checkpoint --optim_args "preset=gpt2"
 
@@ -19,6 +20,7 @@ Any ``TrainingArguments`` flag works (``--max_steps``, ``--learning_rate``, ``--
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -96,6 +98,20 @@ class DataArguments:
     max_eval_blocks: Optional[int] = field(
         default=96, metadata={"help": "Evaluate on at most this many blocks (the first ones); 0 or less: all."}
     )
+
+
+@dataclass
+class CompareArguments:
+    compare: Optional[str] = field(
+        default=None,
+        metadata={"help": "adamw: after the run, train the same model on the same data with adamw_torch_fused "
+                          "and print both eval losses (twice the time)."},
+    )
+
+
+# The default run (no arguments) measured with --compare adamw on a 2-core CPU, torch 2.13: the eval loss
+# AdamW reaches. Printed beside the default run's own loss so that its last line can be judged.
+DEFAULT_RUN_ADAMW_EVAL_LOSS = None
 
 
 def _files(arg: Optional[str], default_plays: tuple[str, ...]) -> list[str]:
@@ -185,47 +201,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
-def main() -> None:
-    slimadam_hf.register()
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    parser.set_defaults(
-        output_dir="runs/clm-shakespeare", do_train=True, do_eval=True, optim="slimadam",
-        max_steps=250, per_device_train_batch_size=16, per_device_eval_batch_size=32,
-        learning_rate=3e-3, weight_decay=0.1, warmup_steps=25, lr_scheduler_type="cosine", max_grad_norm=1.0,
-        logging_steps=50, save_strategy="no", eval_strategy="no", report_to="none", seed=42, use_cpu=True,
-    )
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.WARNING)
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    datasets.utils.logging.set_verbosity_warning()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+def train_and_evaluate(
+    model_args: ModelArguments, training_args: TrainingArguments, tokenizer, data
+) -> tuple[Trainer, dict]:
+    """Build the model (seeded), train it on ``data["train"]`` and evaluate on ``data["validation"]``."""
     set_seed(training_args.seed)
-    started = time.time()
-
-    train_files = _files(data_args.train_file, TRAIN_PLAYS)
-    eval_files = _files(data_args.validation_file, EVAL_PLAYS)
-    tokenizer = load_tokenizer(model_args, train_files, training_args.output_dir)
     model = load_model(model_args, tokenizer)
     if model_args.lora_r > 0:
         model = wrap_lora(model, model_args)
-    data = lm_datasets(train_files, eval_files, tokenizer, data_args.block_size)
-    if data_args.max_eval_blocks and data_args.max_eval_blocks > 0:
-        data["validation"] = data["validation"].select(range(min(data_args.max_eval_blocks, len(data["validation"]))))
-    logger.info("%s: %s parameters; %d train / %d eval blocks of %d tokens", model.config.model_type,
-                f"{model.num_parameters():,}", len(data["train"]), len(data["validation"]), data_args.block_size)
-
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -246,27 +229,99 @@ def main() -> None:
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    return trainer, metrics
 
+
+def _is_default_run(argv: list[str]) -> bool:
+    """No flags besides --output_dir and --optim slimadam: the run the documented AdamW loss is for."""
+    rest = list(argv)
+    for flag in ("--output_dir", "--optim"):
+        if flag in rest:
+            i = rest.index(flag)
+            if flag == "--optim" and rest[i + 1 : i + 2] != ["slimadam"]:
+                return False
+            del rest[i : i + 2]
+    return not rest
+
+
+def report(trainer: Trainer, metrics: dict, started: float, adamw_loss: Optional[float], adamw_source: str,
+           output_dir: str) -> None:
+    """The last lines: the loss, what AdamW reaches on the same run, and the memory saved."""
+    from slimadam_hf.rules.render import format_bytes, savings_line
+
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    measured = optimizer_state_bytes(optimizer)
+    plan = getattr(optimizer, "plan", None)
+    elapsed = time.time() - started
+    loss = metrics.get("eval_loss", float("nan"))
+    lines = [f"final eval loss {loss:.4f} (perplexity {metrics.get('perplexity', float('nan')):.1f}) after "
+             f"{trainer.state.global_step} steps in {elapsed / 60:.1f} min with {type(optimizer).__name__}"]
+    if adamw_loss is not None:
+        lines.append(f"AdamW (adamw_torch_fused) {adamw_source}: eval loss {adamw_loss:.4f}; "
+                     f"{type(optimizer).__name__} is {100 * (loss / adamw_loss - 1):+.1f}% vs AdamW")
+    else:
+        lines.append("AdamW loss for these settings: rerun with --compare adamw to measure it")
+    if plan is not None:
+        lines.append(f"{savings_line(plan)}; measured: {format_bytes(measured)} vs AdamW "
+                     f"{format_bytes(plan.adamw_state_bytes)}")
+    else:
+        lines.append(f"optimizer state {format_bytes(measured)}")
+    print("\n" + "\n".join(f"== {line}" for line in lines))
+    summary = {"eval_loss": metrics.get("eval_loss"), "adamw_eval_loss": adamw_loss,
+               "steps": trainer.state.global_step, "optimizer": type(optimizer).__name__,
+               "optimizer_state_bytes": measured, "adamw_state_bytes": None if plan is None else plan.adamw_state_bytes,
+               "runtime_s": round(elapsed, 1)}
+    Path(output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main() -> None:
+    slimadam_hf.register()
+    parser = HfArgumentParser((ModelArguments, DataArguments, CompareArguments, TrainingArguments))
+    parser.set_defaults(
+        output_dir="runs/clm-shakespeare", do_train=True, do_eval=True, optim="slimadam",
+        max_steps=250, per_device_train_batch_size=16, per_device_eval_batch_size=32,
+        learning_rate=3e-3, weight_decay=0.1, warmup_steps=25, lr_scheduler_type="cosine", max_grad_norm=1.0,
+        logging_steps=50, save_strategy="no", eval_strategy="no", report_to="none", seed=42, use_cpu=True,
+    )
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, compare_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        model_args, data_args, compare_args, training_args = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, compare_args, training_args = parser.parse_args_into_dataclasses()
+    if compare_args.compare not in (None, "adamw"):
+        parser.error(f"--compare {compare_args.compare!r}: the only comparison is --compare adamw")
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.WARNING)
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    datasets.utils.logging.set_verbosity_warning()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    started = time.time()
+
+    train_files = _files(data_args.train_file, TRAIN_PLAYS)
+    eval_files = _files(data_args.validation_file, EVAL_PLAYS)
+    tokenizer = load_tokenizer(model_args, train_files, training_args.output_dir)
+    data = lm_datasets(train_files, eval_files, tokenizer, data_args.block_size)
+    if data_args.max_eval_blocks and data_args.max_eval_blocks > 0:
+        data["validation"] = data["validation"].select(range(min(data_args.max_eval_blocks, len(data["validation"]))))
+    logger.info("%d train / %d eval blocks of %d tokens", len(data["train"]), len(data["validation"]),
+                data_args.block_size)
+
+    trainer, metrics = train_and_evaluate(model_args, training_args, tokenizer, data)
+    adamw_loss, adamw_source = None, ""
+    if compare_args.compare == "adamw":
+        baseline_args = dataclasses.replace(
+            training_args, optim="adamw_torch_fused", optim_args=None,
+            output_dir=str(Path(training_args.output_dir) / "adamw"),
+        )
+        _, baseline = train_and_evaluate(model_args, baseline_args, tokenizer, data)
+        adamw_loss, adamw_source = baseline.get("eval_loss"), "on the same run"
+    elif DEFAULT_RUN_ADAMW_EVAL_LOSS is not None and _is_default_run(sys.argv[1:]):
+        adamw_loss, adamw_source = DEFAULT_RUN_ADAMW_EVAL_LOSS, "on this default run (measured, docs/trainer.md)"
     if trainer.is_world_process_zero() and trainer.optimizer is not None:
-        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-        measured = optimizer_state_bytes(optimizer)
-        plan = getattr(optimizer, "plan", None)
-        elapsed = time.time() - started
-        line = (f"final eval loss {metrics.get('eval_loss', float('nan')):.4f} "
-                f"(perplexity {metrics.get('perplexity', float('nan')):.1f}) after {trainer.state.global_step} steps "
-                f"in {elapsed / 60:.1f} min with {type(optimizer).__name__}")
-        if plan is not None:
-            memory = (f"optimizer state {_mib(measured)} vs AdamW {_mib(plan.adamw_state_bytes)}: saved "
-                      f"{_mib(plan.adamw_state_bytes - measured)} ({1 - measured / plan.adamw_state_bytes:.1%}); "
-                      f"second moments saved {plan.second_moment_savings:.1%}")
-        else:
-            memory = f"optimizer state {_mib(measured)}"
-        print(f"\n== {line}\n== {memory}")
-        summary = {"eval_loss": metrics.get("eval_loss"), "steps": trainer.state.global_step,
-                   "optimizer": type(optimizer).__name__, "optimizer_state_bytes": measured,
-                   "adamw_state_bytes": None if plan is None else plan.adamw_state_bytes,
-                   "runtime_s": round(elapsed, 1)}
-        Path(training_args.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        report(trainer, metrics, started, adamw_loss, adamw_source, training_args.output_dir)
 
 
 if __name__ == "__main__":

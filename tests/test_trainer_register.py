@@ -122,8 +122,12 @@ def test_handler_builds_named_groups_with_plan_specs_and_trainer_decay(tmp_path)
     _check_handler_optimizer(Trainer(model=model, args=args, train_dataset=RandomTokens()), model, args)
 
 
-def test_unknown_optim_arg_fails_when_the_trainer_creates_the_optimizer(tmp_path):
-    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, optim_args="presets=gpt2"))
+def test_unknown_optim_arg_fails_early_and_again_when_the_trainer_creates_the_optimizer(tmp_path):
+    with pytest.raises(OptimArgsError, match="'presets' is not known.*preset"):
+        training_args(tmp_path, optim_args="presets=gpt2")  # at argument parsing, before any data or model
+    args = training_args(tmp_path)
+    args.optim_args = "presets=gpt2"  # changed after creation, e.g. in a loaded training_args.bin
+    trainer = Trainer(model=tiny_gpt2(), args=args)
     with pytest.raises(OptimArgsError, match="'presets' is not known.*preset"):
         trainer.create_optimizer()
 

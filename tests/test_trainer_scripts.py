@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,19 @@ def test_run_image_classification_on_idx_files(tmp_path, monkeypatch, capsys):
     assert "== final eval accuracy" in out and "vs AdamW" in out
     plan = json.loads((tmp_path / "out" / "slimadam_plan.json").read_text())
     assert plan["preset"] == "vit" and not plan["warnings"]
+
+
+def test_run_clm_compare_adamw_prints_both_losses_and_one_savings_statement(tmp_path):
+    train, valid = write_text_files(tmp_path / "data")
+    out_dir = tmp_path / "cmp"
+    text = _run(["--train_file", str(train), "--validation_file", str(valid), *TINY, "--compare", "adamw",
+                 "--output_dir", str(out_dir)], tmp_path)
+    summary = json.loads((out_dir / "run_summary.json").read_text())
+    adamw = json.loads((out_dir / "adamw" / "eval_results.json").read_text())["eval_loss"]
+    assert summary["adamw_eval_loss"] == adamw and summary["optimizer"] == "SlimAdamW"
+    assert f"AdamW (adamw_torch_fused) on the same run: eval loss {adamw:.4f}" in text
+    assert re.search(r"SlimAdamW is [+-]\d+\.\d% vs AdamW", text)
+    # the plan summary at the start and the last line state the savings the same way
+    statements = re.findall(r"second moments saved: [\d.]+% \([\d,]+ of [\d,]+ kept\); optimizer state: AdamW "
+                            r"[\d.,]+ [KMG]?i?B -> SlimAdamW [\d.,]+ [KMG]?i?B \([\d.]+% of AdamW\)", text)
+    assert len(statements) == 2 and statements[0] == statements[1]

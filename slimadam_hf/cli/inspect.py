@@ -3,34 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from ..rules.planner import plan_compression
 from .tasks import TASKS
 
 
+def _check_overrides(config: Any, overrides: dict[str, Any]) -> None:
+    """Each key must be a field of the config class, and each value of its type (as the default's)."""
+    known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+    for key, value in overrides.items():
+        if key not in known and not hasattr(config, key):
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"valid keys include {', '.join(sorted(known)[:8])}, ..."
+            raise ValueError(f"--config-overrides: {type(config).__name__} has no field {key!r}; {hint}")
+        default = getattr(config, key, None)
+        if isinstance(default, bool) or default is None:
+            continue
+        if isinstance(default, int) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"--config-overrides: {key}={value!r}: {type(config).__name__}.{key} is an int (default {default})")
+        if isinstance(default, float) and not isinstance(value, (int, float)):
+            raise ValueError(f"--config-overrides: {key}={value!r}: {type(config).__name__}.{key} is a float (default {default})")
 
-def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
-    """``"hidden_size=2048,num_hidden_layers=16"`` -> ``{"hidden_size": 2048, ...}`` (YAML scalars)."""
-    result: dict[str, Any] = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--config-overrides: expected key=value pairs separated by ',', got {item!r}")
-        result[key.strip()] = yaml.safe_load(value)
-    return result
 
-
-def _load_config(args: argparse.Namespace):
+def _load_config(args: argparse.Namespace) -> Any:
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    overrides = parse_config_overrides(args.config_overrides)
+    overrides = args.config_overrides or {}
     if args.config:
-        return AutoConfig.from_pretrained(args.config, local_files_only=True, **overrides)
-    return AutoConfig.for_model(args.model_type, **overrides)
+        base = AutoConfig.from_pretrained(args.config, local_files_only=True)
+    else:
+        if args.model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(args.model_type, list(CONFIG_MAPPING.keys()), n=4)
+            raise ValueError(
+                f"unknown --model-type {args.model_type!r}"
+                + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+                + " (a transformers model_type such as gpt2, llama, mistral, qwen2, vit, bert)"
+            )
+        base = AutoConfig.for_model(args.model_type)
+    _check_overrides(base, overrides)
+    try:
+        if args.config:
+            return AutoConfig.from_pretrained(args.config, local_files_only=True, **overrides)
+        return AutoConfig.for_model(args.model_type, **overrides)
+    except Exception as err:  # noqa: BLE001 - the config's own validation, said in one line
+        message = " ".join(str(err).split())
+        raise ValueError(f"--config-overrides: {type(base).__name__} rejects them: {message}") from None
 
 
 def build_meta_model(config: Any, task: Optional[str] = None) -> torch.nn.Module:
@@ -43,7 +65,7 @@ def build_meta_model(config: Any, task: Optional[str] = None) -> torch.nn.Module
         if type(config) in auto_class._model_mapping:
             with torch.device("meta"):
                 return auto_class.from_config(config)
-    raise SystemExit(
+    raise ValueError(
         f"no {' or '.join(candidates)} class knows {type(config).__name__}; choose --task from {', '.join(TASKS)}"
     )
 

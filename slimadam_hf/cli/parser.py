@@ -10,6 +10,19 @@ from .tasks import TASKS
 
 
 
+def parse_config_overrides(text: str) -> dict[str, Any]:
+    """``"hidden_size=2048,num_hidden_layers=16"`` -> ``{"hidden_size": 2048, ...}`` (YAML scalars)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by ',', got {item!r}")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from .inspect import run_inspect
 
@@ -25,13 +38,14 @@ def _add_inspect(subparsers: Any) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-type", help="a transformers model_type, e.g. gpt2, llama, vit, bert")
     source.add_argument("--config", help="a local config.json or model directory")
-    p.add_argument("--config-overrides", help="comma-separated key=value config fields, e.g. hidden_size=2048")
+    p.add_argument("--config-overrides", type=parse_config_overrides, metavar="KEY=VALUE,...",
+                   help="config fields to change, e.g. hidden_size=2048,num_hidden_layers=16 (checked against the config class)")
     p.add_argument("--task", choices=sorted(TASKS), help="which model head to build (default: first that fits)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter dtype (default: config's)")
     p.add_argument("--preset", default="auto", help="preset name or YAML path (default: auto)")
     p.add_argument("--overrides", help="YAML override or authors' JSON rules file")
     p.add_argument("--all-layers", action="store_true", help="one row per tensor instead of collapsing layers")
-    p.add_argument("--width", type=int, default=150, help="table width in characters")
+    p.add_argument("--width", type=int, default=None, help="table width in characters (default: the terminal's)")
     p.add_argument("--json", help="also write the per-parameter plan as JSON to this path")
     p.set_defaults(func=_run_inspect)
 

@@ -95,10 +95,10 @@ class SlimAdamConfig:
 
     preset: Any = _option(
         "auto", "compression preset: auto (by model_type), gpt2, llama, vit, bert, generic, auto-snr, or a "
-        "YAML path", "text")
+        "YAML path", "text", label="preset name or YAML path")
     overrides: Any = _option(
         None, "YAML override (preset schema) or the authors' JSON rules file, merged on the preset", "text",
-        optim_arg="config")
+        optim_arg="config", label="YAML/JSON path")
     lr: Union[float, torch.Tensor] = _option(1e-3, "learning rate", "float", training_arg="--learning_rate")
     betas: tuple[float, float] = _option(
         (0.9, 0.999), "coefficients of the running averages of g and g**2", "float",
@@ -278,6 +278,8 @@ class SlimAdamConfig:
 
 
 def _kind_text(f: dataclasses.Field) -> str:
+    if "label" in f.metadata:
+        return f.metadata["label"]
     return "/".join(f.metadata["choices"]) if f.metadata["kind"] == "choice" else f.metadata["kind"]
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from ..core.options import SlimAdamConfig
 from .callbacks import SlimAdamCallback, ensure_visible_logging
 from .factory import SlimAdamFactory
 from .optim_args import parse_optim_args
@@ -111,6 +112,40 @@ def _install_fallback() -> None:
     Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
 
 
+def _describe_optim_args() -> None:
+    """``--help`` of any ``HfArgumentParser`` script lists the ``--optim_args`` keys of ``--optim slimadam``."""
+    import dataclasses
+    import types
+
+    from transformers import TrainingArguments
+
+    f = {f.name: f for f in dataclasses.fields(TrainingArguments)}["optim_args"]
+    marker = " With --optim slimadam: "
+    if marker in f.metadata.get("help", ""):
+        return
+    text = f.metadata.get("help", "") + marker + "; ".join(SlimAdamConfig.help_lines()) + "."
+    # HfArgumentParser hands every metadata key to argparse, so only the help text changes
+    f.metadata = types.MappingProxyType({**f.metadata, "help": text})
+
+
+def _validate_when_created() -> None:
+    """Check ``optim_args`` when ``TrainingArguments(optim="slimadam", ...)`` is created: a mistake then
+    fails at argument parsing, before a script loads data or a model."""
+    from transformers import TrainingArguments
+
+    original = TrainingArguments.__post_init__
+    if getattr(original, "_slimadam_wrapped", False):
+        return
+
+    def __post_init__(self: Any) -> None:
+        original(self)
+        if _optim_value(self.optim) == OPTIM_NAME:
+            parse_optim_args(self.optim_args)
+
+    __post_init__._slimadam_wrapped = True  # type: ignore[attr-defined]
+    TrainingArguments.__post_init__ = __post_init__
+
+
 def _install_callback() -> None:
     import transformers.trainer as trainer_module
 
@@ -140,7 +175,9 @@ def register(*, use_handler_table: Optional[bool] = None) -> str:
 
     Adds ``slimadam`` to ``OptimizerNames``, installs the optimizer handler (in transformers'
     private handler table when it exists, else by wrapping ``Trainer.get_optimizer_cls_and_kwargs``),
-    adds :class:`SlimAdamCallback` to every ``Trainer``, and lets ``slimadam_hf`` INFO logs show.
+    adds :class:`SlimAdamCallback` to every ``Trainer``, lists the ``--optim_args`` keys in ``--help``,
+    checks ``optim_args`` when ``TrainingArguments(optim="slimadam")`` is created, and lets ``slimadam_hf``
+    INFO logs show.
 
     Args:
         use_handler_table: force (``True``) or avoid (``False``) the handler table; ``None`` detects it.
@@ -170,6 +207,8 @@ def register(*, use_handler_table: Optional[bool] = None) -> str:
         _install_fallback()
         how = "wrapped_get_optimizer_cls_and_kwargs"
     _install_callback()
+    _describe_optim_args()
+    _validate_when_created()
     ensure_visible_logging()
     if _registered_with != how:
         logger.debug("--optim %s registered (%s)", OPTIM_NAME, how)

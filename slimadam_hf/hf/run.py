@@ -17,13 +17,58 @@ from __future__ import annotations
 import os
 import runpy
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 USAGE = (
     "usage: python -m slimadam_hf.run SCRIPT.py [ARGS...]\n"
     "       python -m slimadam_hf.run -m MODULE [ARGS...]\n"
-    "Registers --optim slimadam with transformers, then runs SCRIPT.py (or MODULE) as __main__ with ARGS."
+    "Registers --optim slimadam with transformers, then runs SCRIPT.py (or MODULE) as __main__ with ARGS.\n"
+    "--optim_args of --optim slimadam are checked first; SCRIPT.py --help lists them."
 )
+
+
+DEBUG_ENV = "SLIMADAM_DEBUG"
+"""Set ``SLIMADAM_DEBUG=1`` to get the traceback of an ``--optim_args`` mistake instead of one line."""
+
+
+def _flag(args: Sequence[str], name: str) -> Optional[str]:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``args`` (the last one wins, as in argparse)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1 :]
+    return value
+
+
+def _training_options(script_args: Sequence[str]) -> tuple[Optional[str], Any]:
+    """``(optim, optim_args)`` as the script will read them: from its flags, or from the one JSON/YAML
+    config file HF scripts accept in their place."""
+    if len(script_args) == 1 and script_args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(script_args[0]):
+        import yaml  # a JSON file is YAML too
+
+        with open(script_args[0]) as fh:
+            config = yaml.safe_load(fh) or {}
+        return config.get("optim"), config.get("optim_args")
+    return _flag(script_args, "--optim"), _flag(script_args, "--optim_args")
+
+
+def check_optim_args(script_args: Sequence[str]) -> None:
+    """Refuse bad ``--optim_args`` for ``--optim slimadam`` before the script runs: one line, exit code 2."""
+    from .optim_args import OptimArgsError, parse_optim_args
+    from .register import OPTIM_NAME
+
+    optim, optim_args = _training_options(script_args)
+    if optim != OPTIM_NAME:
+        return
+    try:
+        parse_optim_args(optim_args)
+    except OptimArgsError as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"slimadam-run: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -35,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from .register import register
 
+    check_optim_args(argv[2:] if argv[0] == "-m" else argv[1:])
     register()
     if argv[0] == "-m":
         if len(argv) < 2:

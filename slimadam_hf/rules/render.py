@@ -46,14 +46,26 @@ def _dims_text(dims: Optional[tuple[int, ...]]) -> str:
     return "-" if dims is None else str(list(dims))
 
 
-def tensor_table(plan: "CompressionPlan", collapse_layers: bool = True) -> Any:
-    """One row per kind of tensor; repeated layers collapse into one row with ``x`` = their count."""
+_WIDE_COLUMNS = ("parameter", "x", "shape", "owner", "role", "rule", "dims", "v kept", "saved")
+_NARROW_COLUMNS = ("parameter", "x", "shape", "role", "dims", "saved")  # under 120 columns
+_NUMERIC = ("x", "v kept", "saved")
+
+
+def tensor_table(plan: "CompressionPlan", collapse_layers: bool = True, narrow: bool = False) -> Any:
+    """One row per kind of tensor; repeated layers collapse into one row with ``x`` = their count.
+
+    ``narrow`` drops the owner, rule and entries-kept columns so the table fits an 80-column terminal.
+    """
     from rich.table import Table
 
+    columns = _NARROW_COLUMNS if narrow else _WIDE_COLUMNS
     table = Table(box=None, pad_edge=False)
-    for column in ("parameter", "x", "shape", "owner", "role", "rule", "dims", "v kept", "saved"):
-        numeric = column in ("x", "v kept", "saved")
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
+    for column in columns:
+        numeric = column in _NUMERIC
+        table.add_column(
+            column, justify="right" if numeric else "left", overflow="fold", no_wrap=column != "parameter",
+            min_width=20 if column == "parameter" else None,
+        )
     rows: dict[tuple, list["PlanEntry"]] = defaultdict(list)
     for e in plan.entries:
         key_name = re.sub(r"\.\d+\.", ".N.", e.name) if collapse_layers else e.name
@@ -66,11 +78,18 @@ def tensor_table(plan: "CompressionPlan", collapse_layers: bool = True) -> Any:
             dims = "|".join(_dims_text(p.dims) for p in e.parts)
         else:
             dims = _dims_text(e.dims)
-        name = key_name + (f" (= {', '.join(e.aliases)})" if e.aliases else "")
-        table.add_row(
-            name, str(len(group)), "x".join(map(str, shape)), owner, role, rule, dims,
-            f"{e.second_moment_numel:,}", f"{1 - e.second_moment_numel / e.numel:.1%}",
-        )
+        cells = {
+            "parameter": key_name + (f" (= {', '.join(e.aliases)})" if e.aliases else ""),
+            "x": str(len(group)),
+            "shape": "x".join(map(str, shape)),
+            "owner": owner,
+            "role": role,
+            "rule": rule,
+            "dims": dims,
+            "v kept": f"{e.second_moment_numel:,}",
+            "saved": f"{1 - e.second_moment_numel / e.numel:.1%}",
+        }
+        table.add_row(*(cells[c] for c in columns))
     return table
 
 
@@ -105,9 +124,10 @@ def render_plan(
     if by not in ("tensor", "role"):
         raise ValueError(f"render_plan(by={by!r}): use 'tensor' or 'role'")
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width or terminal_width(), force_terminal=False, color_system=None)
+    width = width or terminal_width()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     console.print(header_line(plan), soft_wrap=True)
-    console.print(tensor_table(plan, collapse_layers) if by == "tensor" else role_table(plan))
+    console.print(tensor_table(plan, collapse_layers, narrow=width < 120) if by == "tensor" else role_table(plan))
     console.print(savings_line(plan), soft_wrap=True)
     for warning in plan.warnings:
         console.print(f"warning: {warning}", soft_wrap=True)
