@@ -137,12 +137,13 @@ def main() -> None:
         print(f"\n== final eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}, eval loss "
               f"{metrics.get('eval_loss', float('nan')):.4f} after {trainer.state.global_step} steps in "
               f"{(time.time() - started) / 60:.1f} min with {type(optimizer).__name__}")
+        from slimadam_hf.rules.render import format_bytes, savings_line
+
         if plan is not None:
-            print(f"== optimizer state {measured / 2**10:.1f} KiB vs AdamW {plan.adamw_state_bytes / 2**10:.1f} KiB "
-                  f"(saved {1 - measured / plan.adamw_state_bytes:.1%}); second moments saved "
-                  f"{plan.second_moment_savings:.1%}")
+            print(f"== {savings_line(plan)}; measured: {format_bytes(measured)} vs AdamW "
+                  f"{format_bytes(plan.adamw_state_bytes)}")
         else:
-            print(f"== optimizer state {measured / 2**10:.1f} KiB")
+            print(f"== optimizer state {format_bytes(measured)}")
 
 
 if __name__ == "__main__":
