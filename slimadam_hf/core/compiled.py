@@ -24,7 +24,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import quant
 from .compress_spec import Segment
+from .quant import QuantizedMomentum
 
 __all__ = ["compiled_slimadamw", "compile_stats", "CompileUnavailableError"]
 
@@ -62,6 +64,7 @@ def _update(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
+    exp_avg_absmax: Optional[Tensor],
     exp_avg_sq: Tensor,
     segs: tuple[Segment, ...],
     scalars: Tensor,
@@ -71,9 +74,17 @@ def _update(
     decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps = scalars.unbind()
     dtype = exp_avg_sq.dtype  # float32, or float64 for float64 parameters
     g = grad.to(dtype)
-    m = torch.lerp(exp_avg.to(dtype), g, one_minus_beta1)
-    exp_avg.copy_(m)
-    m = exp_avg.to(dtype)  # the stored (possibly low-precision) momentum drives the update
+    # the stored (low-precision or int8) momentum drives the update
+    if exp_avg_absmax is None:
+        m = torch.lerp(exp_avg.to(dtype), g, one_minus_beta1)
+        exp_avg.copy_(m)
+        m = exp_avg.to(dtype)
+    else:
+        m = torch.lerp(quant.dequantize(exp_avg, exp_avg_absmax, param.shape).to(dtype), g, one_minus_beta1)
+        codes, absmax = quant.quantize(m, exp_avg.shape[0])
+        exp_avg.copy_(codes)
+        exp_avg_absmax.copy_(absmax)
+        m = quant.dequantize(codes, absmax, param.shape).to(dtype)
     p = param.to(dtype) * decay
     for k, seg in enumerate(segs):
         gs, ms, ps = seg.view(g), seg.view(m), seg.view(p)
@@ -144,16 +155,20 @@ def compiled_slimadamw(
         ):
             step = step_t.item()
             stats = None if stats is None else tuple(stats)
+            absmax = None
+            if isinstance(exp_avg, QuantizedMomentum):
+                exp_avg, absmax = exp_avg.codes, exp_avg.absmax
             key = (
                 _signature(param), _signature(grad), _signature(exp_avg), _signature(exp_avg_sq), tuple(segs),
                 None if stats is None else tuple(map(_signature, stats)),
+                None if absmax is None else _signature(absmax),
             )
             values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps)
             scalars = scalar_tensors.get((values, param.device, exp_avg_sq.dtype))
             if scalars is None:
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)
                 scalar_tensors[(values, param.device, exp_avg_sq.dtype)] = scalars
-            args: tuple[Any, ...] = (param, grad, exp_avg, exp_avg_sq, tuple(segs), scalars, stats)
+            args: tuple[Any, ...] = (param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats)
             fn = _compiled(key)
             if key in _SEEN:
                 fn(*args)

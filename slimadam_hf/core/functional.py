@@ -27,6 +27,7 @@ Implementations (``implementation=``):
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from .compress_spec import Segment
 from .options import IMPLEMENTATIONS
+from .quant import BLOCK, QuantizedMomentum
 
 Stats = Optional[Sequence[Optional[Sequence[Tensor]]]]
 """Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor per segment."""
@@ -96,7 +98,9 @@ def _single_tensor_slimadamw(
         step = step_t.item()
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        if exp_avg.dtype == grad.dtype:
+        if isinstance(exp_avg, QuantizedMomentum):  # int8 codes: update in float32, store, use what was stored
+            exp_avg = exp_avg.store_(exp_avg.dequantize().lerp_(grad.float(), 1 - beta1))
+        elif exp_avg.dtype == grad.dtype:
             exp_avg.lerp_(grad, 1 - beta1)
         else:
             exp_avg.copy_(exp_avg.float().lerp_(grad.float(), 1 - beta1))
@@ -145,6 +149,12 @@ def _multi_tensor_slimadamw(
 ) -> None:
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        if isinstance(m, QuantizedMomentum):
+            _quantized_update(
+                p, grads[i], m, exp_avg_sqs[i], state_steps[i], param_segments[i], second_moment_stats[i],
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            )
+            continue
         buckets[(p.device, p.dtype, m.dtype)].append(i)
     for indices in buckets.values():
         _multi_tensor_bucket(
@@ -244,3 +254,85 @@ def _apply_update(bucket: dict[str, list], eps: float) -> None:
     torch._foreach_add_(denoms, eps)
     denoms = [d.expand_as(p) for d, p in zip(denoms, bucket["p"])]
     torch._foreach_addcdiv_(bucket["p"], bucket["m"], denoms, bucket["neg_step_size"])
+
+
+# Elements of one parameter updated at a time when its momentum is int8: bounds the float32 workspace
+# (dequantized moment, quantizer temporaries) to a few MiB whatever the parameter's size.
+_CHUNK_ELEMS = 1 << 20
+
+
+def _row_chunks(param: Tensor) -> list[tuple[int, int]]:
+    """``(first row, rows)`` pieces of ``param`` whose flat starts fall on quantization blocks."""
+    rows = param.shape[0] if param.dim() else 1
+    row_numel = param.numel() // max(rows, 1) if param.dim() else 1
+    align = BLOCK // math.gcd(row_numel, BLOCK) if row_numel else 1
+    step = max(align, (_CHUNK_ELEMS // max(row_numel, 1)) // align * align)
+    return [(r, min(step, rows - r)) for r in range(0, rows, step)]
+
+
+def _chunk_pieces(seg: Segment, first: int, count: int) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
+    """Rows of a chunk ``[first, first + count)`` that ``seg`` covers: (rows in the parameter, rows in the
+    chunk); ``None`` when it covers none. Segments cut along dim 0 cover only their own rows."""
+    if seg.split_dim != 0:
+        return (first, count), (0, count)
+    start, stop = max(first, seg.offset), min(first + count, seg.offset + seg.size)
+    return None if start >= stop else ((start, stop - start), (start - first, stop - start))
+
+
+def _quantized_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: QuantizedMomentum,
+    exp_avg_sq: Tensor,
+    step_t: Tensor,
+    segs: Sequence[Segment],
+    stats: Optional[Sequence[Tensor]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One parameter with an int8 first moment: the statistics and ``v`` first (they need only ``g``), then
+    the elementwise update chunk by chunk, each chunk's moment dequantized, updated, stored and used."""
+    step_t += 1
+    step = step_t.item()
+    neg_step_size = -lr / (1 - beta1**step)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    denominators = []
+    for k, seg in enumerate(segs):
+        v = seg.second_moment_view(exp_avg_sq)
+        g = seg.view(grad)
+        if stats is not None:
+            v.mul_(beta2).add_(stats[k], alpha=1 - beta2)
+        elif seg.dims is None:
+            g = g.to(v.dtype)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        else:
+            v.mul_(beta2).add_(_mean_of_squares(g, seg.dims, v), alpha=1 - beta2)
+        denominators.append((seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps))
+    row_numel = param.numel() // max(param.shape[0], 1) if param.dim() else 0
+    for first, count in _row_chunks(param):
+        p_rows = param.narrow(0, first, count) if param.dim() else param
+        g_rows = grad.narrow(0, first, count) if param.dim() else grad
+        start = first * row_numel // BLOCK  # a whole block: _row_chunks aligns the chunks
+        blocks = -(-(p_rows.numel()) // BLOCK)
+        chunk = QuantizedMomentum(exp_avg.codes[start : start + blocks], exp_avg.absmax[start : start + blocks],
+                                  p_rows.shape)
+        m_rows = chunk.store_(chunk.dequantize().lerp_(g_rows.float(), 1 - beta1))
+        for seg, denom in zip(segs, denominators):
+            pieces = _chunk_pieces(seg, first, count)
+            if pieces is None:
+                continue
+            (p_first, rows), (m_first, _) = pieces
+            if seg.split_dim == 0:
+                p_view = param.narrow(0, p_first, rows)
+                m_view = m_rows.narrow(0, m_first, rows)
+                d_first = p_first - seg.offset
+            else:
+                p_view, m_view, d_first = seg.view(p_rows), seg.view(m_rows), p_first
+            d = denom.narrow(0, d_first, rows) if denom.dim() and denom.shape[0] > 1 else denom
+            p_view.addcdiv_(m_view, d, value=neg_step_size)

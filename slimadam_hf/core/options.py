@@ -29,6 +29,7 @@ MOMENTUM_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
+    "int8": torch.int8,  # block-quantized, see slimadam_hf.core.quant
 }
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp64": "float64"}
 
@@ -59,6 +60,15 @@ def momentum_dtype_name(value: Any) -> Optional[str]:
 def momentum_dtype_for(name: Optional[str], param: torch.Tensor) -> torch.dtype:
     """The dtype of ``exp_avg`` for ``param`` under ``momentum_dtype`` ``name``."""
     return param.dtype if name is None else MOMENTUM_DTYPES[name]
+
+
+def check_momentum_dtype(name: Optional[str], param: torch.Tensor, where: str) -> None:
+    """Refuse a momentum storage that cannot hold ``param``'s moment faithfully."""
+    if name == "int8" and param.dtype == torch.float64:
+        raise OptionsError(
+            f"{where}: momentum_dtype='int8' on a float64 parameter would drop the precision float64 is for; "
+            "use momentum_dtype=None (float64) for it, or train in float32"
+        )
 
 
 def _option(default: Any, help: str, kind: str, **extra: Any) -> Any:
@@ -111,8 +121,8 @@ class SlimAdamConfig:
         None, "foreach (eager batched kernels; default), compiled (torch.compile, fastest after its first "
         "step) or reference (plain loop)", "choice", choices=IMPLEMENTATIONS)
     momentum_dtype: Optional[str] = _option(
-        None, "dtype of the first moment: none (the parameter's), float32 or bfloat16 (half its memory)",
-        "dtype")
+        None, "storage of the first moment: none (the parameter's dtype), float32, bfloat16 (half its memory) "
+        "or int8 (block-quantized, about a quarter)", "dtype")
     foreach: Optional[bool] = _option(
         None, "legacy switch: false = implementation=reference", "bool")
     probe_steps: Optional[int] = _option(

@@ -225,6 +225,11 @@ def local_inputs(
     ``owner`` keys the layout cache (the optimizer). The statistics are this rank's share of each
     segment's ``mean(g**2)``; :func:`all_reduce_statistics` completes them.
     """
+    if momentum_dtype == torch.int8:
+        raise UnsupportedShardingError(
+            f"SlimAdamW: momentum_dtype='int8' is not supported on DTensor (FSDP2, tensor parallel) parameters "
+            f"yet (parameter {name!r}); use momentum_dtype='bfloat16' under FSDP2, or int8 with DDP / one process"
+        )
     layout = _layout(owner, param, spec, name)
     state = _init_state(state, param, layout, name, momentum_dtype)
     grad = param.grad

@@ -15,14 +15,14 @@ from ..core.compress_spec import (
     CompressSpecError,
     Segment,
     cached_segments,
-    compress_second_moment,
     normalize_spec,
     second_moment_dtype,
     second_moment_shape,
     segments,
 )
 from ..core.functional import slimadamw
-from ..core.options import SlimAdamConfig, momentum_dtype_for, momentum_dtype_name
+from ..core import quant
+from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
 from ..distributed import dtensor
 from ..distributed.guards import check_before_step, check_param_group, is_dtensor
 
@@ -49,8 +49,11 @@ def _implementation(group: dict[str, Any]) -> str:
     return "reference" if group["foreach"] is False else "foreach"
 
 
-# group options the live optimizer keeps when loading a checkpoint
-_LIVE_OPTIONS = ("implementation", "momentum_dtype", "foreach")
+def _first_moment(state: dict[str, Any], param: Tensor) -> Any:
+    """The state's first moment as the update takes it: a tensor, or int8 codes with their scales."""
+    if "exp_avg_absmax" in state:
+        return quant.QuantizedMomentum(state["exp_avg"], state["exp_avg_absmax"], param.shape)
+    return state["exp_avg"]
 
 
 @dataclass
@@ -133,6 +136,9 @@ class SlimAdamW(Optimizer):
         # a group may set its own options: check them as the constructor's
         group["momentum_dtype"] = momentum_dtype_name(group["momentum_dtype"])
         SlimAdamConfig(implementation=group["implementation"], foreach=group["foreach"])
+        names = group.get("param_names") or [f"params[{i}]" for i in range(len(group["params"]))]
+        for p, name in zip(group["params"], names):
+            check_momentum_dtype(group["momentum_dtype"], p, f"parameter {name!r}")
         n = len(group["params"])
         if compress is None:
             group.pop("compress", None)
@@ -174,9 +180,13 @@ class SlimAdamW(Optimizer):
             if group is None:
                 group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(
-                p, dtype=momentum_dtype_for(group["momentum_dtype"], p), memory_format=torch.preserve_format
-            )
+            if group["momentum_dtype"] == "int8":
+                check_momentum_dtype("int8", p, f"parameter {name!r}")
+                state["exp_avg"], state["exp_avg_absmax"] = quant.empty_state(p)
+            else:
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=momentum_dtype_for(group["momentum_dtype"], p), memory_format=torch.preserve_format
+                )
             state["exp_avg_sq"] = torch.zeros(
                 second_moment_shape(spec, p.shape, name), dtype=second_moment_dtype(p.dtype), device=p.device
             )
@@ -203,7 +213,7 @@ class SlimAdamW(Optimizer):
                           local.stats)
                 continue
             state = self._init_state(p, spec, name, group)
-            batch.add(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+            batch.add(p, p.grad, _first_moment(state, p), state["exp_avg_sq"], state["step"],
                       cached_segments(spec, p.shape, name))
         return batch, shards
 
@@ -249,84 +259,15 @@ class SlimAdamW(Optimizer):
     # -- checkpoints ------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a SlimAdamW (or AdamW) state dict.
+        """Load a SlimAdamW (or torch AdamW) state dict; see :func:`slimadam_hf.optim.checkpoint.load_into`.
 
-        The saved compress specs must match the live ones; a mismatch raises an error naming the
-        parameter. ``implementation`` and ``momentum_dtype`` stay the live optimizer's; ``exp_avg`` is
-        cast to the live ``momentum_dtype``. An AdamW state dict (no ``compress`` in its groups, full ``exp_avg_sq``) is converted
-        by averaging each second moment over the live spec's dims. Second moments keep their float32 (or wider) dtype.
+        The saved compress specs must match the live ones (a mismatch names the parameter); an AdamW
+        second moment is averaged over the live dims; the first moment is converted to the live
+        ``momentum_dtype`` (int8 codes are quantized or dequantized as needed).
         """
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} param groups, this SlimAdamW has "
-                f"{len(self.param_groups)}"
-            )
-        second_moments: dict[Any, Tensor] = {}
-        state = {k: dict(v) for k, v in state_dict["state"].items()}
-        converted = 0
-        for live, saved in zip(self.param_groups, saved_groups):
-            live_specs = self._group_specs(live)
-            from_adamw = "amsgrad" in saved  # a torch.optim.AdamW group
-            saved_specs = saved.get("compress") or [None] * len(saved["params"])
-            if len(saved["params"]) != len(live["params"]):
-                raise ValueError(
-                    f"loaded param group has {len(saved['params'])} params, the live one has "
-                    f"{len(live['params'])}"
-                )
-            for i, (key, p) in enumerate(zip(saved["params"], live["params"])):
-                name = self._param_name(live, i)
-                live_spec = normalize_spec(live_specs[i], name)
-                saved_spec = normalize_spec(saved_specs[i], name)
-                v = state.get(key, {}).pop("exp_avg_sq", None)
-                if v is None:
-                    continue
-                if live_spec != saved_spec:
-                    if from_adamw and tuple(v.shape) == tuple(p.shape):
-                        v = compress_second_moment(v, live_spec, name)
-                        converted += 1
-                    else:
-                        raise ValueError(
-                            f"checkpoint does not match the compression plan for parameter {name!r}: "
-                            f"saved compress spec {saved_spec!r}, live spec {live_spec!r}. Load it with "
-                            "the preset/overrides it was trained with, or start the optimizer fresh."
-                        )
-                expected = second_moment_shape(live_spec, p.shape, name)
-                if tuple(v.shape) != tuple(expected):
-                    raise ValueError(
-                        f"checkpoint exp_avg_sq for parameter {name!r} has shape {list(v.shape)}, "
-                        f"expected {list(expected)} for compress spec {live_spec!r}"
-                    )
-                second_moments[key] = v
-        if converted:
-            logger.info(
-                "SlimAdamW: converted %d full AdamW second moments by averaging over the plan's dims",
-                converted,
-            )
-        groups = []
-        # torch casts floating state to the parameter dtype: set the moments aside and re-cast them after.
-        first_moments: dict[Any, Tensor] = {}
-        live_param_of: dict[Any, tuple[dict[str, Any], Tensor]] = {}
-        for live, saved in zip(self.param_groups, saved_groups):
-            group = {k: v for k, v in saved.items() if k in live and k != "compress"}
-            if "compress" in live:
-                group["compress"] = live["compress"]
-            # compute choices belong to the live optimizer, not to the checkpoint
-            for key in _LIVE_OPTIONS:
-                group[key] = live[key]
-            groups.append(group)
-            for key, p in zip(saved["params"], live["params"]):
-                live_param_of[key] = (live, p)
-                m = state.get(key, {}).pop("exp_avg", None) if live["momentum_dtype"] is not None else None
-                if m is not None:
-                    first_moments[key] = m
-        super().load_state_dict({"state": state, "param_groups": groups})
-        for key, v in second_moments.items():
-            _, p = live_param_of[key]
-            self.state[p]["exp_avg_sq"] = v.to(dtype=second_moment_dtype(p.dtype), device=p.device)
-        for key, m in first_moments.items():
-            live, p = live_param_of[key]
-            self.state[p]["exp_avg"] = m.to(dtype=momentum_dtype_for(live["momentum_dtype"], p), device=p.device)
+        from .checkpoint import load_into
+
+        load_into(self, state_dict, super().load_state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

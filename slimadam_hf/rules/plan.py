@@ -10,7 +10,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..core.compress_spec import CompressSpec, second_moment_numel
+from ..core import quant
+from ..core.compress_spec import CompressSpec, second_moment_dtype, second_moment_numel
 from .presets import canonical_name
 from .render import render_plan
 from .roles import Rule
@@ -112,6 +113,8 @@ class CompressionPlan:
     preset: str
     model_type: Optional[str] = None
     warnings: list[str] = field(default_factory=list)
+    momentum_dtype: Optional[str] = None
+    """How the optimizer stores the first moment (``SlimAdamConfig.momentum_dtype``); counts in the bytes."""
 
     def __getitem__(self, name: str) -> PlanEntry:
         for entry in self.entries:
@@ -142,10 +145,20 @@ class CompressionPlan:
         """Optimizer-state bytes of torch AdamW (exp_avg and exp_avg_sq in the parameter dtype)."""
         return sum(2 * e.numel * _bytes(e.dtype) for e in self.entries)
 
+    def first_moment_bytes(self, entry: PlanEntry) -> int:
+        """Bytes of one parameter's ``exp_avg`` under :attr:`momentum_dtype` (int8: codes plus block scales)."""
+        if self.momentum_dtype == "int8":
+            return quant.num_blocks(entry.numel) * (quant.BLOCK + 4)
+        dtype = entry.dtype if self.momentum_dtype is None else getattr(torch, self.momentum_dtype)
+        return entry.numel * _bytes(dtype)
+
     @property
     def slimadam_state_bytes(self) -> int:
-        """Optimizer-state bytes of SlimAdamW (full exp_avg, float32 compressed exp_avg_sq)."""
-        return sum(e.numel * _bytes(e.dtype) + 4 * e.second_moment_numel for e in self.entries)
+        """Optimizer-state bytes of SlimAdamW: ``exp_avg`` as stored, float32 compressed ``exp_avg_sq``."""
+        return sum(
+            self.first_moment_bytes(e) + _bytes(second_moment_dtype(e.dtype)) * e.second_moment_numel
+            for e in self.entries
+        )
 
     @property
     def state_bytes_ratio(self) -> float:
@@ -181,6 +194,7 @@ class CompressionPlan:
             "model_type": self.model_type,
             "totals": self.totals(),
             "warnings": list(self.warnings),
+            "momentum_dtype": self.momentum_dtype,
             "parameters": [e.to_dict() for e in self.entries],
         }
 
