@@ -27,6 +27,7 @@ from torch import Tensor
 from . import quant
 from .compress_spec import Segment
 from .quant import QuantizedMomentum
+from .rounding import lerp_low_precision_, noise_key
 
 __all__ = ["compiled_slimadamw", "compile_stats", "CompileUnavailableError"]
 
@@ -69,13 +70,16 @@ def _update(
     segs: tuple[Segment, ...],
     scalars: Tensor,
     stats: Optional[tuple[Tensor, ...]],
+    update_momentum: bool,
 ) -> None:
     # 1 - beta2 comes in computed in float64: formed from a float32 beta2 it would lose 4 digits
     decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps = scalars.unbind()
     dtype = exp_avg_sq.dtype  # float32, or float64 for float64 parameters
     g = grad.to(dtype)
     # the stored (low-precision or int8) momentum drives the update
-    if exp_avg_absmax is None:
+    if not update_momentum:  # done before the call (stochastic rounding)
+        m = exp_avg.to(dtype)
+    elif exp_avg_absmax is None:
         m = torch.lerp(exp_avg.to(dtype), g, one_minus_beta1)
         exp_avg.copy_(m)
         m = exp_avg.to(dtype)
@@ -138,6 +142,7 @@ def compiled_slimadamw(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
+    noise: Sequence[Optional[int]],
     *,
     lr: float,
     beta1: float,
@@ -150,10 +155,13 @@ def compiled_slimadamw(
     decay = 1 - lr * weight_decay
     scalar_tensors: dict[tuple, Tensor] = {}
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
-        for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats in zip(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats
+        for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base in zip(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
         ):
             step = step_t.item()
+            stochastic = base is not None and isinstance(exp_avg, Tensor) and exp_avg.dtype == torch.bfloat16
+            if stochastic:
+                lerp_low_precision_(exp_avg, grad, 1 - beta1, noise_key(base, step))
             stats = None if stats is None else tuple(stats)
             absmax = None
             if isinstance(exp_avg, QuantizedMomentum):
@@ -162,13 +170,16 @@ def compiled_slimadamw(
                 _signature(param), _signature(grad), _signature(exp_avg), _signature(exp_avg_sq), tuple(segs),
                 None if stats is None else tuple(map(_signature, stats)),
                 None if absmax is None else _signature(absmax),
+                stochastic,
             )
             values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps)
             scalars = scalar_tensors.get((values, param.device, exp_avg_sq.dtype))
             if scalars is None:
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)
                 scalar_tensors[(values, param.device, exp_avg_sq.dtype)] = scalars
-            args: tuple[Any, ...] = (param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats)
+            args: tuple[Any, ...] = (
+                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic
+            )
             fn = _compiled(key)
             if key in _SEEN:
                 fn(*args)

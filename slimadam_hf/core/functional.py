@@ -37,6 +37,7 @@ from torch import Tensor
 from .compress_spec import Segment
 from .options import IMPLEMENTATIONS
 from .quant import BLOCK, QuantizedMomentum
+from .rounding import lerp_low_precision_, noise_bases, noise_key
 
 Stats = Optional[Sequence[Optional[Sequence[Tensor]]]]
 """Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor per segment."""
@@ -57,8 +58,13 @@ def slimadamw(
     weight_decay: float,
     implementation: str = "foreach",
     second_moment_stats: Stats = None,
+    rounding_seed: Optional[int] = None,
 ) -> None:
-    """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc)."""
+    """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc).
+
+    ``rounding_seed``: round a bfloat16 first moment stochastically, with noise keyed by this seed, the
+    parameter's position in these lists and its step (:mod:`slimadam_hf.core.rounding`); ``None``: to nearest.
+    """
     if implementation == "compiled":
         from .compiled import compiled_slimadamw
 
@@ -72,6 +78,7 @@ def slimadamw(
     stats = second_moment_stats if second_moment_stats is not None else [None] * len(params)
     impl(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, stats,
+        noise_bases(rounding_seed, len(params)),
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )
 
@@ -84,6 +91,7 @@ def _single_tensor_slimadamw(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
+    noise: Sequence[Optional[int]],
     *,
     lr: float,
     beta1: float,
@@ -91,8 +99,8 @@ def _single_tensor_slimadamw(
     eps: float,
     weight_decay: float,
 ) -> None:
-    for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats
+    for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
     ):
         step_t += 1
         step = step_t.item()
@@ -100,10 +108,10 @@ def _single_tensor_slimadamw(
             param.mul_(1 - lr * weight_decay)
         if isinstance(exp_avg, QuantizedMomentum):  # int8 codes: update in float32, store, use what was stored
             exp_avg = exp_avg.store_(exp_avg.dequantize().lerp_(grad.float(), 1 - beta1))
-        elif exp_avg.dtype == grad.dtype:
+        elif exp_avg.dtype == grad.dtype and (base is None or exp_avg.dtype != torch.bfloat16):
             exp_avg.lerp_(grad, 1 - beta1)
         else:
-            exp_avg.copy_(exp_avg.float().lerp_(grad.float(), 1 - beta1))
+            lerp_low_precision_(exp_avg, grad, 1 - beta1, noise_key(base, step))
 
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
@@ -121,15 +129,16 @@ def _single_tensor_slimadamw(
             seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
 
 
-def lerp_momentum_(exp_avgs: list[Tensor], grads: list[Tensor], weight: float) -> None:
-    """``m <- m + weight * (g - m)``; a momentum stored in another dtype is updated in float32 and rounded."""
-    same = [i for i, (m, g) in enumerate(zip(exp_avgs, grads)) if m.dtype == g.dtype]
+def lerp_momentum_(exp_avgs: list[Tensor], grads: list[Tensor], weight: float, keys: list[Optional[int]]) -> None:
+    """``m <- m + weight * (g - m)``; a momentum stored in another dtype, or rounded stochastically (a key),
+    is updated in float32 chunk by chunk (:func:`~slimadam_hf.core.rounding.lerp_low_precision_`)."""
+    same = [i for i, (m, g, key) in enumerate(zip(exp_avgs, grads, keys)) if m.dtype == g.dtype and key is None]
     if same:
         torch._foreach_lerp_([exp_avgs[i] for i in same], [grads[i] for i in same], weight)
-    if len(same) < len(exp_avgs):  # one tensor at a time bounds the float32 temporaries
-        for m, g in zip(exp_avgs, grads):
-            if m.dtype != g.dtype:
-                m.copy_(m.float().lerp_(g.float(), weight))
+    if len(same) < len(exp_avgs):
+        for m, g, key in zip(exp_avgs, grads, keys):
+            if m.dtype != g.dtype or key is not None:
+                lerp_low_precision_(m, g, weight, key)
 
 
 def _multi_tensor_slimadamw(
@@ -140,6 +149,7 @@ def _multi_tensor_slimadamw(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
+    noise: Sequence[Optional[int]],
     *,
     lr: float,
     beta1: float,
@@ -159,7 +169,7 @@ def _multi_tensor_slimadamw(
     for indices in buckets.values():
         _multi_tensor_bucket(
             *([seq[i] for i in indices] for seq in (
-                params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats
+                params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
             )),
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         )
@@ -173,6 +183,7 @@ def _multi_tensor_bucket(
     state_steps: list[Tensor],
     param_segments: list[Sequence[Segment]],
     second_moment_stats: list[Optional[Sequence[Tensor]]],
+    noise: list[Optional[int]],
     *,
     lr: float,
     beta1: float,
@@ -184,7 +195,9 @@ def _multi_tensor_bucket(
     torch._foreach_add_(state_steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    lerp_momentum_(exp_avgs, grads, 1 - beta1)
+    keys = [noise_key(base, step_t.item()) if m.dtype == torch.bfloat16 else None
+            for base, step_t, m in zip(noise, state_steps, exp_avgs)]
+    lerp_momentum_(exp_avgs, grads, 1 - beta1, keys)
 
     full: dict[str, list] = defaultdict(list)  # v updated from g * g, elementwise
     reduced: dict[str, list] = defaultdict(list)  # v updated from a mean of g * g

@@ -24,6 +24,8 @@ AUTO_SNR_PRESET = "auto-snr"
 
 SELECTS = ("max-snr", "most-compressive")
 
+ROUNDINGS = ("nearest", "stochastic")
+
 MOMENTUM_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -123,6 +125,9 @@ class SlimAdamConfig:
     momentum_dtype: Optional[str] = _option(
         None, "storage of the first moment: none (the parameter's dtype), float32, bfloat16 (half its memory) "
         "or int8 (block-quantized, about a quarter)", "dtype")
+    momentum_rounding: str = _option(
+        "nearest", "how a bfloat16 first moment is rounded: nearest, or stochastic (unbiased, reproducible "
+        "under a fixed seed)", "choice", choices=ROUNDINGS)
     foreach: Optional[bool] = _option(
         None, "legacy switch: false = implementation=reference", "bool")
     probe_steps: Optional[int] = _option(
@@ -170,6 +175,15 @@ class SlimAdamConfig:
                 f"foreach={self.foreach} contradicts implementation={self.implementation!r}; give only implementation"
             )
         self.momentum_dtype = momentum_dtype_name(self.momentum_dtype)
+        if self.momentum_rounding not in ROUNDINGS:
+            raise OptionsError(
+                f"momentum_rounding={self.momentum_rounding!r}: choose one of {', '.join(ROUNDINGS)}"
+            )
+        if self.momentum_rounding == "stochastic" and self.momentum_dtype not in (None, "bfloat16"):
+            raise OptionsError(
+                f"momentum_rounding='stochastic' rounds a bfloat16 first moment, but momentum_dtype="
+                f"{self.momentum_dtype!r}; set momentum_dtype='bfloat16' or drop momentum_rounding"
+            )
 
     def _check_auto_snr(self) -> None:
         auto = self.preset == AUTO_SNR_PRESET
@@ -299,7 +313,8 @@ def _is_count(value: Any) -> bool:
 
 _OPTIMIZER_FIELDS = tuple(
     f for f in dataclasses.fields(SlimAdamConfig)
-    if f.name in ("lr", "betas", "eps", "weight_decay", "implementation", "momentum_dtype", "foreach")
+    if f.name in ("lr", "betas", "eps", "weight_decay", "implementation", "momentum_dtype", "momentum_rounding",
+                  "foreach")
 )
 _AUTO_SNR_FIELDS = tuple(
     f for f in dataclasses.fields(SlimAdamConfig) if f.name in ("probe_steps", "probe_every", "cutoff", "select", "by_role")

@@ -94,9 +94,11 @@ class SlimAdamW(Optimizer):
         implementation: ``"foreach"`` (eager, batched ``torch._foreach_*`` kernels; the default),
             ``"compiled"`` (``torch.compile``-d fused kernels, fastest, compiles on first step; needs a
             C++ compiler on CPU or Triton on GPU) or ``"reference"`` (plain per-tensor loop).
-        momentum_dtype: dtype of the first moment ``exp_avg``: ``None`` (the parameter's dtype) or e.g.
-            ``torch.bfloat16`` / ``"bfloat16"`` (half the first-moment memory; updated in float32
-            and rounded to nearest).
+        momentum_dtype: storage of the first moment ``exp_avg``: ``None`` (the parameter's dtype),
+            ``torch.bfloat16`` / ``"bfloat16"`` (half the first-moment memory; updated in float32 and
+            rounded) or ``"int8"`` (block-quantized codes and scales, :mod:`slimadam_hf.core.quant`).
+        momentum_rounding: ``"nearest"`` or ``"stochastic"`` (unbiased rounding of a bfloat16 first moment,
+            reproducible under a fixed seed; :mod:`slimadam_hf.core.rounding`).
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
     State per parameter: ``step``, ``exp_avg`` (parameter shape; parameter dtype or ``momentum_dtype``) and ``exp_avg_sq``
@@ -114,12 +116,14 @@ class SlimAdamW(Optimizer):
         foreach: Optional[bool] = None,
         implementation: Optional[str] = None,
         momentum_dtype: Optional[torch.dtype | str] = None,
+        momentum_rounding: str = "nearest",
     ) -> None:
         config = SlimAdamConfig(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
-            implementation=implementation, momentum_dtype=momentum_dtype,
+            implementation=implementation, momentum_dtype=momentum_dtype, momentum_rounding=momentum_rounding,
         )
-        super().__init__(params, config.optimizer_defaults())
+        # the stochastic rounding's noise follows the run's seed, and the checkpoint keeps it
+        super().__init__(params, {**config.optimizer_defaults(), "rounding_seed": torch.initial_seed() % (1 << 31)})
 
     @classmethod
     def from_config(cls, params: Iterable[Any], config: SlimAdamConfig) -> "SlimAdamW":
@@ -247,6 +251,7 @@ class SlimAdamW(Optimizer):
                 batch.steps,
                 batch.segments,
                 second_moment_stats=batch.stats,
+                rounding_seed=group["rounding_seed"] if group["momentum_rounding"] == "stochastic" else None,
                 implementation=_implementation(group),
                 lr=_as_float(group["lr"]),
                 beta1=_as_float(beta1),
@@ -275,3 +280,5 @@ class SlimAdamW(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("implementation", None)
             group.setdefault("momentum_dtype", None)
+            group.setdefault("momentum_rounding", "nearest")
+            group.setdefault("rounding_seed", 0)
