@@ -7,7 +7,9 @@ loss-vs-LR curve, several seeds. Optimizers:
 
 * ``AdamW``: ``torch.optim.AdamW``;
 * ``SlimAdam``: the static preset (paper Table 1 rules);
-* ``SlimAdam bf16 m``: the same with ``momentum_dtype=torch.bfloat16``;
+* ``SlimAdam bf16 m``: the same with ``momentum_dtype=torch.bfloat16`` (rounded to nearest);
+* ``SlimAdam bf16 m stochastic``: ``momentum_dtype="bfloat16", momentum_rounding="stochastic"``;
+* ``SlimAdam int8 m``: ``momentum_dtype="int8"`` (block-quantized first moment);
 * ``SlimAdam SNR``: rules derived by :mod:`slimadam_hf.snr.recorder` / :mod:`slimadam_hf.snr.rules`
   from an AdamW proxy run at a 10x lower LR (the paper's recipe), pooled by role;
 * ``Adalayer``: SlimAdamW with every >= 2-D tensor averaged over all its dims (one v per tensor);
@@ -190,6 +192,11 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snr_overrides: Option
         return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     if name == "SlimAdam bf16 m":
         return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, momentum_dtype=torch.bfloat16)
+    if name == "SlimAdam bf16 m stochastic":
+        return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, momentum_dtype="bfloat16",
+                              momentum_rounding="stochastic")
+    if name == "SlimAdam int8 m":
+        return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, momentum_dtype="int8")
     if name == "SlimAdam SNR":
         return build_slimadam(model, "auto", snr_overrides, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     if name == "SlimAdam full emb":
@@ -206,8 +213,11 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snr_overrides: Option
 
 
 ALL_OPTIMIZERS = [
-    "AdamW", "SlimAdam", "SlimAdam bf16 m", "SlimAdam SNR", "SlimAdam full emb", "Adalayer", "Adafactor", "Adam-mini",
+    "AdamW", "SlimAdam", "SlimAdam bf16 m", "SlimAdam bf16 m stochastic", "SlimAdam int8 m", "SlimAdam SNR",
+    "SlimAdam full emb", "Adalayer", "Adafactor", "Adam-mini",
 ]
+# variants of SlimAdam's first-moment storage: their tables also compare with fp32-momentum SlimAdam
+MOMENTUM_VARIANTS = ("SlimAdam bf16 m", "SlimAdam bf16 m stochastic", "SlimAdam int8 m")
 
 
 def available(names: list[str]) -> tuple[list[str], list[str]]:
@@ -358,7 +368,12 @@ def lm_table(runs: list[dict], arch: str, lrs: list[float], optimizers: list[str
             b = [v for v in base[lr] if math.isfinite(v)]
             ok = [v for v in vals if math.isfinite(v)]
             if name != "AdamW" and b and ok and len(ok) == len(vals):
-                cell += f" ({100 * (statistics.fmean(ok) / statistics.fmean(b) - 1):+.1f}%)"
+                cell += f" ({100 * (statistics.fmean(ok) / statistics.fmean(b) - 1):+.1f}%"
+                slim = [r["final_val"] for r in runs
+                        if r["arch"] == arch and r["optimizer"] == "SlimAdam" and r["lr"] == lr]
+                if name in MOMENTUM_VARIANTS and slim and all(math.isfinite(v) for v in slim):
+                    cell += f"; {100 * (statistics.fmean(ok) / statistics.fmean(slim) - 1):+.1f}% vs SlimAdam"
+                cell += ")"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

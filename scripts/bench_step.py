@@ -98,7 +98,7 @@ class Skip(Exception):
     """An optional baseline that cannot run here (package missing or unsupported device)."""
 
 
-def _slim(impl: str, momentum_dtype: Optional[torch.dtype] = None) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def _slim(impl: str, momentum_dtype: Optional[torch.dtype | str] = None) -> Callable[[nn.Module], torch.optim.Optimizer]:
     def make(model: nn.Module) -> torch.optim.Optimizer:
         from slimadam_hf import build_slimadam
 
@@ -153,6 +153,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "SlimAdamW compiled, bf16 m": _slim("compiled", torch.bfloat16),
     "SlimAdamW foreach": _slim("foreach"),
     "SlimAdamW foreach, bf16 m": _slim("foreach", torch.bfloat16),
+    "SlimAdamW foreach, int8 m": _slim("foreach", "int8"),
+    "SlimAdamW compiled, int8 m": _slim("compiled", "int8"),
     "SlimAdamW reference": _slim("reference"),
     "torch Adafactor": _adafactor,
     "Adam-mini": _adam_mini,
@@ -364,8 +366,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {list(OPTIMIZERS)}")
     if args.smoke:
         args.models, args.repeats, args.warmup = ["tiny"], 2, 0
-        smoke = {"torch AdamW fused", "SlimAdamW foreach", "SlimAdamW foreach, bf16 m", "SlimAdamW reference",
-                 "torch Adafactor"}
+        smoke = {"torch AdamW fused", "SlimAdamW foreach", "SlimAdamW foreach, bf16 m", "SlimAdamW foreach, int8 m",
+                 "SlimAdamW reference", "torch Adafactor"}
         names = [n for n in names if n in smoke]
     names = [n for n in names if n not in args.skip]
     if names[0] != "torch AdamW fused" and "torch AdamW fused" not in args.skip:

@@ -39,3 +39,11 @@ def test_bench_quality_smoke(tmp_path):
     assert all(r["curve"] for r in data["lm"])
     assert (tmp_path / "quality_lr.png").stat().st_size > 0 and (tmp_path / "quality_steps.png").stat().st_size > 0
     assert "Final validation loss" in (tmp_path / "quality.md").read_text()
+
+
+def test_bench_memory_smoke(tmp_path):
+    md = tmp_path / "memory.md"
+    stdout = _run("bench_memory.py", "--smoke", "--output", str(md))
+    for name in ("adamw_torch_fused", "slimadam", "slimadam-int8"):
+        assert f"| gpt2-tiny | {name} |" in stdout
+    assert "Largest fp32 model trained" in stdout and md.is_file()
