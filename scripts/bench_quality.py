@@ -10,6 +10,7 @@ loss-vs-LR curve, several seeds. Optimizers:
 * ``SlimAdam bf16 m``: the same with ``momentum_dtype=torch.bfloat16`` (rounded to nearest);
 * ``SlimAdam bf16 m stochastic``: ``momentum_dtype="bfloat16", momentum_rounding="stochastic"``;
 * ``SlimAdam int8 m``: ``momentum_dtype="int8"`` (block-quantized first moment);
+* ``SlimAdam robust``: ``robust=True`` (each update coordinate clamped to 1);
 * ``SlimAdam SNR``: rules derived by :mod:`slimadam_hf.snr.recorder` / :mod:`slimadam_hf.snr.rules`
   from an AdamW proxy run at a 10x lower LR (the paper's recipe), pooled by role;
 * ``Adalayer``: SlimAdamW with every >= 2-D tensor averaged over all its dims (one v per tensor);
@@ -195,6 +196,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snr_overrides: Option
     if name == "SlimAdam bf16 m stochastic":
         return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, momentum_dtype="bfloat16",
                               momentum_rounding="stochastic")
+    if name == "SlimAdam robust":
+        return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, robust=True)
     if name == "SlimAdam int8 m":
         return build_slimadam(model, "auto", lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, momentum_dtype="int8")
     if name == "SlimAdam SNR":
@@ -213,7 +216,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snr_overrides: Option
 
 
 ALL_OPTIMIZERS = [
-    "AdamW", "SlimAdam", "SlimAdam bf16 m", "SlimAdam bf16 m stochastic", "SlimAdam int8 m", "SlimAdam SNR",
+    "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam bf16 m", "SlimAdam bf16 m stochastic", "SlimAdam int8 m",
+    "SlimAdam SNR",
     "SlimAdam full emb", "Adalayer", "Adafactor", "Adam-mini",
 ]
 # variants of SlimAdam's first-moment storage: their tables also compare with fp32-momentum SlimAdam

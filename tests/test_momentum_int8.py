@@ -52,10 +52,10 @@ CHUNKED = [  # shape, spec: rows, columns, splits along dim 0 (cut by chunks) an
 
 
 def test_foreach_int8_chunks_large_parameters_like_the_reference(monkeypatch):
-    from slimadam_hf.core import functional
+    from slimadam_hf.core import chunked
 
-    monkeypatch.setattr(functional, "_CHUNK_ELEMS", 2 * quant.BLOCK)  # every parameter takes several chunks
-    assert all(len(functional._row_chunks(torch.empty(shape))) >= 2 for shape, _ in CHUNKED)
+    monkeypatch.setattr(chunked, "_CHUNK_ELEMS", 2 * quant.BLOCK)  # every parameter takes several chunks
+    assert all(len(chunked.row_chunks(torch.empty(shape))) >= 2 for shape, _ in CHUNKED)
     runs = []
     for implementation in ("foreach", "reference"):
         g = torch.Generator().manual_seed(0)

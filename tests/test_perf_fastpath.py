@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slimadam_hf import SlimAdamW, build_slimadam
-from slimadam_hf.core.functional import _sum_of_squares
+from slimadam_hf.core.reductions import sum_of_squares as _sum_of_squares
 from tiny_models import tiny_model
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

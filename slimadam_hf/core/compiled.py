@@ -17,6 +17,7 @@ moment's dtype (float32; float64 for float64 parameters); results agree with it 
 
 from __future__ import annotations
 
+import math
 import time
 import types
 from typing import Any, Callable, Optional, Sequence
@@ -71,9 +72,10 @@ def _update(
     scalars: Tensor,
     stats: Optional[tuple[Tensor, ...]],
     update_momentum: bool,
+    clip: bool,
 ) -> None:
     # 1 - beta2 comes in computed in float64: formed from a float32 beta2 it would lose 4 digits
-    decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps = scalars.unbind()
+    decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps, bound = scalars.unbind()
     dtype = exp_avg_sq.dtype  # float32, or float64 for float64 parameters
     g = grad.to(dtype)
     # the stored (low-precision or int8) momentum drives the update
@@ -104,9 +106,11 @@ def _update(
         v_den = seg.denominator_view(v_new)
         if v_den.shape == ps.shape:
             denom = v_den.sqrt() / bias_correction2_sqrt + eps
-            seg.view(param).copy_(ps + neg_step_size * ms / denom)
+            step = neg_step_size * ms / denom
+            seg.view(param).copy_(ps + (step.clamp(-bound, bound) if clip else step))
         else:
-            seg.view(param).copy_(ps + ms * _step_over_denominator(v_den, scalars))
+            step = ms * _step_over_denominator(v_den, scalars)
+            seg.view(param).copy_(ps + (step.clamp(-bound, bound) if clip else step))
 
 
 def _compiled(key: tuple) -> Callable[..., None]:
@@ -149,6 +153,7 @@ def compiled_slimadamw(
     beta2: float,
     eps: float,
     weight_decay: float,
+    update_clip: Optional[float] = None,
 ) -> None:
     """Same contract as :func:`slimadam_hf.core.functional.slimadamw`, one compiled call per parameter."""
     torch._foreach_add_(list(state_steps), 1)
@@ -171,14 +176,18 @@ def compiled_slimadamw(
                 None if stats is None else tuple(map(_signature, stats)),
                 None if absmax is None else _signature(absmax),
                 stochastic,
+                update_clip is not None,
             )
-            values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps)
+            # bound: the largest step a coordinate may take under update_clip (lr * clip), inf without it
+            bound = math.inf if update_clip is None else lr * update_clip
+            values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, bound)
             scalars = scalar_tensors.get((values, param.device, exp_avg_sq.dtype))
             if scalars is None:
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)
                 scalar_tensors[(values, param.device, exp_avg_sq.dtype)] = scalars
             args: tuple[Any, ...] = (
-                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic
+                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic,
+                update_clip is not None,
             )
             fn = _compiled(key)
             if key in _SEEN:

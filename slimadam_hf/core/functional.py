@@ -27,7 +27,6 @@ Implementations (``implementation=``):
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -36,7 +35,9 @@ from torch import Tensor
 
 from .compress_spec import Segment
 from .options import IMPLEMENTATIONS
-from .quant import BLOCK, QuantizedMomentum
+from .chunked import clamped_update_, quantized_update
+from .quant import QuantizedMomentum
+from .reductions import mean_of_squares
 from .rounding import lerp_low_precision_, noise_bases, noise_key
 
 Stats = Optional[Sequence[Optional[Sequence[Tensor]]]]
@@ -59,11 +60,14 @@ def slimadamw(
     implementation: str = "foreach",
     second_moment_stats: Stats = None,
     rounding_seed: Optional[int] = None,
+    update_clip: Optional[float] = None,
 ) -> None:
     """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc).
 
     ``rounding_seed``: round a bfloat16 first moment stochastically, with noise keyed by this seed, the
     parameter's position in these lists and its step (:mod:`slimadam_hf.core.rounding`); ``None``: to nearest.
+    ``update_clip``: clamp every coordinate of the update ``m_hat / (sqrt(v_hat) + eps)`` to this magnitude
+    (``SlimAdamConfig(robust=True)``); ``None``: the paper's update.
     """
     if implementation == "compiled":
         from .compiled import compiled_slimadamw
@@ -79,7 +83,7 @@ def slimadamw(
     impl(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, stats,
         noise_bases(rounding_seed, len(params)),
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, update_clip=update_clip,
     )
 
 
@@ -98,6 +102,7 @@ def _single_tensor_slimadamw(
     beta2: float,
     eps: float,
     weight_decay: float,
+    update_clip: Optional[float] = None,
 ) -> None:
     for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
@@ -126,7 +131,11 @@ def _single_tensor_slimadamw(
                 else:
                     v.mul_(beta2).add_((g * g).mean(dim=seg.dims, keepdim=True), alpha=1 - beta2)
             denom = (seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps)
-            seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
+            if update_clip is None:
+                seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
+            else:
+                update = (seg.view(exp_avg).to(denom.dtype) / (1 - beta1**step) / denom).clamp_(-update_clip, update_clip)
+                seg.view(param).add_(update.to(param.dtype), alpha=-lr)
 
 
 def lerp_momentum_(exp_avgs: list[Tensor], grads: list[Tensor], weight: float, keys: list[Optional[int]]) -> None:
@@ -156,13 +165,14 @@ def _multi_tensor_slimadamw(
     beta2: float,
     eps: float,
     weight_decay: float,
+    update_clip: Optional[float] = None,
 ) -> None:
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         if isinstance(m, QuantizedMomentum):
-            _quantized_update(
+            quantized_update(
                 p, grads[i], m, exp_avg_sqs[i], state_steps[i], param_segments[i], second_moment_stats[i],
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, update_clip=update_clip,
             )
             continue
         buckets[(p.device, p.dtype, m.dtype)].append(i)
@@ -171,7 +181,7 @@ def _multi_tensor_slimadamw(
             *([seq[i] for i in indices] for seq in (
                 params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
             )),
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, update_clip=update_clip,
         )
 
 
@@ -190,6 +200,7 @@ def _multi_tensor_bucket(
     beta2: float,
     eps: float,
     weight_decay: float,
+    update_clip: Optional[float] = None,
 ) -> None:
     """One device/dtype bucket: whole-tensor ops batched, then full and reduced segments batched."""
     torch._foreach_add_(state_steps, 1)
@@ -214,138 +225,34 @@ def _multi_tensor_bucket(
                 bucket["x"].append(seg.view(grad))
             else:
                 bucket = reduced
-                bucket["x"].append(stats[k] if stats is not None else _mean_of_squares(seg.view(grad), seg.dims, v))
+                bucket["x"].append(stats[k] if stats is not None else mean_of_squares(seg.view(grad), seg.dims, v))
             bucket["p"].append(seg.view(param))
             bucket["m"].append(seg.view(exp_avg))
             bucket["v"].append(v)
             bucket["v_den"].append(seg.denominator_view(v))
             bucket["neg_step_size"].append(neg_step_size)
             bucket["bc2_sqrt"].append(bias_correction2_sqrt)
+            bucket["bc1"].append(1 - beta1**step)
 
     if full:
         v_dtype = full["v"][0].dtype
         g = full["x"] if full["x"][0].dtype == v_dtype else [t.to(v_dtype) for t in full["x"]]
         torch._foreach_mul_(full["v"], beta2)
         torch._foreach_addcmul_(full["v"], g, g, 1 - beta2)
-        _apply_update(full, eps)
+        _apply_update(full, eps, update_clip)
     if reduced:
         torch._foreach_mul_(reduced["v"], beta2)
         torch._foreach_add_(reduced["v"], reduced["x"], alpha=1 - beta2)
-        _apply_update(reduced, eps)
+        _apply_update(reduced, eps, update_clip)
 
 
-def _mean_of_squares(g: Tensor, dims: tuple[int, ...], v: Tensor) -> Tensor:
-    return _sum_of_squares(g, dims, v.dtype).mul_(v.numel() / g.numel())
-
-
-# Row block of the streamed column reduction: about 256 KiB of float32 accumulators, cache resident.
-_COLUMN_BLOCK_ELEMS = 1 << 16
-
-
-def _sum_of_squares(g: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``sum(g**2)`` over ``dims`` (kept), in ``dtype``, without a full-size ``g**2`` temporary.
-
-    A squared norm in general. On CPU, reducing a 2-D tensor over its rows only (``dims == (0,)``)
-    with the norm kernel strides down columns and is an order of magnitude slower than a pass over
-    the data, so rows are streamed through a small accumulator block instead.
-    """
-    if g.device.type == "cpu" and g.dim() == 2 and dims == (0,) and g.stride(1) == 1:
-        rows, cols = g.shape
-        block = max(1, _COLUMN_BLOCK_ELEMS // cols)
-        if rows > 2 * block:
-            acc = torch.zeros((block, cols), dtype=dtype)
-            for chunk in g.split(block):
-                acc[: chunk.shape[0]].addcmul_(chunk, chunk)
-            return acc.sum(0, keepdim=True)
-    norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=dtype)
-    return norm.mul_(norm)
-
-
-def _apply_update(bucket: dict[str, list], eps: float) -> None:
+def _apply_update(bucket: dict[str, list], eps: float, update_clip: Optional[float]) -> None:
     denoms = torch._foreach_sqrt(bucket["v_den"])
     torch._foreach_div_(denoms, bucket["bc2_sqrt"])
     torch._foreach_add_(denoms, eps)
+    if update_clip is not None:
+        for p, m, d, step, bc1 in zip(bucket["p"], bucket["m"], denoms, bucket["neg_step_size"], bucket["bc1"]):
+            clamped_update_(p, m, d, step, update_clip * bc1)
+        return
     denoms = [d.expand_as(p) for d, p in zip(denoms, bucket["p"])]
     torch._foreach_addcdiv_(bucket["p"], bucket["m"], denoms, bucket["neg_step_size"])
-
-
-# Elements of one parameter updated at a time when its momentum is int8: bounds the float32 workspace
-# (dequantized moment, quantizer temporaries) to a few MiB whatever the parameter's size.
-_CHUNK_ELEMS = 1 << 20
-
-
-def _row_chunks(param: Tensor) -> list[tuple[int, int]]:
-    """``(first row, rows)`` pieces of ``param`` whose flat starts fall on quantization blocks."""
-    rows = param.shape[0] if param.dim() else 1
-    row_numel = param.numel() // max(rows, 1) if param.dim() else 1
-    align = BLOCK // math.gcd(row_numel, BLOCK) if row_numel else 1
-    step = max(align, (_CHUNK_ELEMS // max(row_numel, 1)) // align * align)
-    return [(r, min(step, rows - r)) for r in range(0, rows, step)]
-
-
-def _chunk_pieces(seg: Segment, first: int, count: int) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
-    """Rows of a chunk ``[first, first + count)`` that ``seg`` covers: (rows in the parameter, rows in the
-    chunk); ``None`` when it covers none. Segments cut along dim 0 cover only their own rows."""
-    if seg.split_dim != 0:
-        return (first, count), (0, count)
-    start, stop = max(first, seg.offset), min(first + count, seg.offset + seg.size)
-    return None if start >= stop else ((start, stop - start), (start - first, stop - start))
-
-
-def _quantized_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: QuantizedMomentum,
-    exp_avg_sq: Tensor,
-    step_t: Tensor,
-    segs: Sequence[Segment],
-    stats: Optional[Sequence[Tensor]],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One parameter with an int8 first moment: the statistics and ``v`` first (they need only ``g``), then
-    the elementwise update chunk by chunk, each chunk's moment dequantized, updated, stored and used."""
-    step_t += 1
-    step = step_t.item()
-    neg_step_size = -lr / (1 - beta1**step)
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    denominators = []
-    for k, seg in enumerate(segs):
-        v = seg.second_moment_view(exp_avg_sq)
-        g = seg.view(grad)
-        if stats is not None:
-            v.mul_(beta2).add_(stats[k], alpha=1 - beta2)
-        elif seg.dims is None:
-            g = g.to(v.dtype)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        else:
-            v.mul_(beta2).add_(_mean_of_squares(g, seg.dims, v), alpha=1 - beta2)
-        denominators.append((seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps))
-    row_numel = param.numel() // max(param.shape[0], 1) if param.dim() else 0
-    for first, count in _row_chunks(param):
-        p_rows = param.narrow(0, first, count) if param.dim() else param
-        g_rows = grad.narrow(0, first, count) if param.dim() else grad
-        start = first * row_numel // BLOCK  # a whole block: _row_chunks aligns the chunks
-        blocks = -(-(p_rows.numel()) // BLOCK)
-        chunk = QuantizedMomentum(exp_avg.codes[start : start + blocks], exp_avg.absmax[start : start + blocks],
-                                  p_rows.shape)
-        m_rows = chunk.store_(chunk.dequantize().lerp_(g_rows.float(), 1 - beta1))
-        for seg, denom in zip(segs, denominators):
-            pieces = _chunk_pieces(seg, first, count)
-            if pieces is None:
-                continue
-            (p_first, rows), (m_first, _) = pieces
-            if seg.split_dim == 0:
-                p_view = param.narrow(0, p_first, rows)
-                m_view = m_rows.narrow(0, m_first, rows)
-                d_first = p_first - seg.offset
-            else:
-                p_view, m_view, d_first = seg.view(p_rows), seg.view(m_rows), p_first
-            d = denom.narrow(0, d_first, rows) if denom.dim() and denom.shape[0] > 1 else denom
-            p_view.addcdiv_(m_view, d, value=neg_step_size)

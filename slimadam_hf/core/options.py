@@ -128,6 +128,9 @@ class SlimAdamConfig:
     momentum_rounding: str = _option(
         "nearest", "how a bfloat16 first moment is rounded: nearest, or stochastic (unbiased, reproducible "
         "under a fixed seed)", "choice", choices=ROUNDINGS)
+    robust: bool = _option(
+        False, "clamp each coordinate's update m_hat/(sqrt(v_hat)+eps) to 1, which AdamW's rarely reaches and a "
+        "compressed second moment's can pass; off = the paper's algorithm", "bool")
     foreach: Optional[bool] = _option(
         None, "legacy switch: false = implementation=reference", "bool")
     probe_steps: Optional[int] = _option(
@@ -314,7 +317,7 @@ def _is_count(value: Any) -> bool:
 _OPTIMIZER_FIELDS = tuple(
     f for f in dataclasses.fields(SlimAdamConfig)
     if f.name in ("lr", "betas", "eps", "weight_decay", "implementation", "momentum_dtype", "momentum_rounding",
-                  "foreach")
+                  "robust", "foreach")
 )
 _AUTO_SNR_FIELDS = tuple(
     f for f in dataclasses.fields(SlimAdamConfig) if f.name in ("probe_steps", "probe_every", "cutoff", "select", "by_role")

@@ -23,7 +23,7 @@ from ..core.options import check_momentum_dtype, momentum_dtype_for
 logger = logging.getLogger(__name__)
 
 # group options the live optimizer keeps when loading a checkpoint
-LIVE_OPTIONS = ("implementation", "momentum_dtype", "momentum_rounding", "foreach")
+LIVE_OPTIONS = ("implementation", "momentum_dtype", "momentum_rounding", "robust", "foreach")
 
 
 def _second_moments(optimizer: Any, saved_groups: list, state: dict) -> dict[Any, Tensor]:

@@ -29,6 +29,10 @@ from ..distributed.guards import check_before_step, check_param_group, is_dtenso
 logger = logging.getLogger(__name__)
 
 
+ROBUST_UPDATE_CLIP = 1.0
+"""The largest per-coordinate update ``robust=True`` allows (AdamW's update rarely exceeds it)."""
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The innermost optimizer inside wrappers that hold it as ``.optimizer`` (accelerate, DeepSpeed)."""
     for _ in range(5):
@@ -99,6 +103,10 @@ class SlimAdamW(Optimizer):
             rounded) or ``"int8"`` (block-quantized codes and scales, :mod:`slimadam_hf.core.quant`).
         momentum_rounding: ``"nearest"`` or ``"stochastic"`` (unbiased rounding of a bfloat16 first moment,
             reproducible under a fixed seed; :mod:`slimadam_hf.core.rounding`).
+        robust: clamp every coordinate of the update ``m_hat / (sqrt(v_hat) + eps)`` to
+            :data:`ROBUST_UPDATE_CLIP`. A compressed ``v`` is a mean over rows or columns, so a coordinate
+            whose gradient is far above that mean takes a step AdamW would not; the clamp caps it. No state;
+            ``False`` is the paper's algorithm.
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
     State per parameter: ``step``, ``exp_avg`` (parameter shape; parameter dtype or ``momentum_dtype``) and ``exp_avg_sq``
@@ -117,10 +125,12 @@ class SlimAdamW(Optimizer):
         implementation: Optional[str] = None,
         momentum_dtype: Optional[torch.dtype | str] = None,
         momentum_rounding: str = "nearest",
+        robust: bool = False,
     ) -> None:
         config = SlimAdamConfig(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
             implementation=implementation, momentum_dtype=momentum_dtype, momentum_rounding=momentum_rounding,
+            robust=robust,
         )
         # the stochastic rounding's noise follows the run's seed, and the checkpoint keeps it
         super().__init__(params, {**config.optimizer_defaults(), "rounding_seed": torch.initial_seed() % (1 << 31)})
@@ -252,6 +262,7 @@ class SlimAdamW(Optimizer):
                 batch.segments,
                 second_moment_stats=batch.stats,
                 rounding_seed=group["rounding_seed"] if group["momentum_rounding"] == "stochastic" else None,
+                update_clip=ROBUST_UPDATE_CLIP if group["robust"] else None,
                 implementation=_implementation(group),
                 lr=_as_float(group["lr"]),
                 beta1=_as_float(beta1),
@@ -281,4 +292,5 @@ class SlimAdamW(Optimizer):
             group.setdefault("implementation", None)
             group.setdefault("momentum_dtype", None)
             group.setdefault("momentum_rounding", "nearest")
+            group.setdefault("robust", False)
             group.setdefault("rounding_seed", 0)
