@@ -22,6 +22,7 @@ Examples::
     python scripts/bench_step.py --models gpt2-124m --repeats 15
     python scripts/bench_step.py --models llama-1b --llama-layers 2 --repeats 7
     python scripts/bench_step.py --smoke
+    python scripts/bench_step.py --models gpt2-124m --optimizers "torch AdamW fused" --trainer   # end to end
 """
 
 from __future__ import annotations
@@ -298,6 +299,65 @@ def peak_rss(model_name: str, opt_name: str, llama_layers: int) -> Optional[int]
     return data.get("peak_kib", 0) * 1024 if "peak_kib" in data else None
 
 
+# -- end to end: tokens per second through the real Trainer ------------------------------------------
+
+TRAINER_OPTIMS = {"adamw_torch_fused": ("adamw_torch_fused", None), "slimadam": ("slimadam", None),
+                  "slimadam compiled": ("slimadam", "implementation=compiled")}
+
+
+def trainer_child(model_name: str, optim_name: str, steps: int, batch: int, seq: int) -> None:
+    """Train ``steps`` steps with the HF Trainer; print the steady-state tokens/s (steps after the first 2)."""
+    import transformers
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import slimadam_hf
+
+    slimadam_hf.register()
+    model = build_model(model_name, 2, "cpu")
+    for p in model.parameters():
+        p.grad = None
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, vocab, (seq,), generator=gen) for _ in range(steps * batch)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+            ends.append(time.perf_counter())
+
+    optim, optim_args = TRAINER_OPTIMS[optim_name]
+    args = TrainingArguments(
+        output_dir="/tmp/bench_step_trainer", optim=optim, optim_args=optim_args, max_steps=steps,
+        per_device_train_batch_size=batch, learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    transformers.logging.set_verbosity_error()
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
+    steady = ends[2:]
+    print(json.dumps({"tokens_per_s": (len(steady) - 1) * batch * seq / (steady[-1] - steady[0])}))
+
+
+def trainer_throughput(model_name: str, steps: int, batch: int, seq: int, repeats: int) -> str:
+    """Median tokens/s per optimizer over ``repeats`` fresh processes, run in rotating order."""
+    names = list(TRAINER_OPTIMS)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            cmd = [sys.executable, __file__, "--trainer-child", model_name, name, "--trainer-steps", str(steps),
+                   "--trainer-batch", str(batch), "--trainer-seq", str(seq)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+    base = statistics.median(results["adamw_torch_fused"])
+    lines = [f"### End to end: Trainer on {model_name}, batch {batch} x {seq} tokens, {steps} steps "
+             f"(tokens/s over steps 3..{steps}, median of {repeats} fresh processes)", "",
+             "| --optim | tokens/s | vs adamw_torch_fused |", "|---|---:|---:|"]
+    for name in names:
+        med = statistics.median(results[name])
+        lines.append(f"| {name} | {med:,.0f} | {med / base:.3f} |")
+    return "\n".join(lines)
+
+
 # -- report -----------------------------------------------------------------------------------------
 
 
@@ -352,8 +412,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-rss", action="store_true", help="skip the per-optimizer peak RSS subprocesses")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats, no compile (CI)")
     parser.add_argument("--output", default=None, help="also write the markdown to this file")
+    parser.add_argument("--trainer", action="store_true",
+                        help="also measure end-to-end Trainer tokens/s: adamw_torch_fused vs --optim slimadam")
+    parser.add_argument("--trainer-steps", type=int, default=12)
+    parser.add_argument("--trainer-batch", type=int, default=2)
+    parser.add_argument("--trainer-seq", type=int, default=128)
+    parser.add_argument("--trainer-repeats", type=int, default=3)
     parser.add_argument("--rss-child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-child", nargs=2, metavar=("MODEL", "OPTIM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.trainer_child:
+        trainer_child(*args.trainer_child, args.trainer_steps, args.trainer_batch, args.trainer_seq)
+        return 0
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -403,6 +473,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         block = text + "\n\n" + "\n".join(notes) + "\n"
         print(block, flush=True)
         out.append(block)
+    if args.trainer:
+        for model_name in args.models:
+            block = trainer_throughput(model_name, args.trainer_steps, args.trainer_batch, args.trainer_seq,
+                                       args.trainer_repeats)
+            print(block, flush=True)
+            out.append(block)
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(out))
