@@ -401,14 +401,15 @@ def plots(runs: list[dict], archs: list[str], lrs: list[float], optimizers: list
     fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         for name in optimizers:
-            xs, ys = [], []
+            xs, ys, sds = [], [], []
             for lr in lrs:
                 vals = [r["final_val"] for r in runs if r["arch"] == arch and r["optimizer"] == name and r["lr"] == lr]
                 vals = [v for v in vals if math.isfinite(v)]
                 if vals:
                     xs.append(lr)
                     ys.append(statistics.fmean(vals))
-            ax.plot(xs, ys, marker="o", label=name)
+                    sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=name)  # error bars: sd over seeds
         ax.set_xscale("log")
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("final validation loss")
