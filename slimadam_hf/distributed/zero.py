@@ -108,25 +108,29 @@ def _find_wrapper(optimizer: Any) -> Any:
 
 
 def _refuse(what: str, instead: str) -> UnsupportedShardingError:
-    return UnsupportedShardingError(f"SlimAdamW does not support {what} (not exact or not verified); {instead}")
+    return UnsupportedShardingError(f"SlimAdamW does not support {what}; {instead}")
 
 
 def _check_supported(wrapper: Any) -> str:
+    """The ZeRO stage of a supported wrapper; a one-line refusal naming the setting otherwise."""
     name = type(wrapper).__name__
     if name == "BF16_Optimizer":
-        raise _refuse("DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1 and data_types.grad_accum_dtype fp32, "
-                      "or stage 0)", "use ZeRO stage 1 or 2 without data_types.grad_accum_dtype, or stage 2")
+        raise _refuse("DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1 and data_types.grad_accum_dtype fp32)",
+                      "drop data_types.grad_accum_dtype or use zero_optimization stage 2 (verified with bf16)")
     if name not in SUPPORTED:
         raise _refuse(f"the DeepSpeed optimizer wrapper {name} (flat master weights outside ZeRO 1/2/3)",
-                      "use zero_optimization stage 1, 2 or 3, or fp32 with stage 0")
-    if getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False):
-        raise _refuse("DeepSpeed ZeRO offload_optimizer (ZeRO-Offload)",
-                      "remove zero_optimization.offload_optimizer, or use FSDP2 (see docs/distributed.md)")
+                      "use zero_optimization stage 1, 2 or 3 (fp32 or bf16), or fp32 with stage 0")
+    if getattr(wrapper, "dtype", None) == torch.float16:
+        raise _refuse("DeepSpeed fp16 (loss-scaled) training under ZeRO: not verified, DeepSpeed's CPU accelerator "
+                      "has no fp16", "use bf16 ({\"bf16\": {\"enabled\": true}}) or fp32")
+    if getattr(wrapper, "swap_optimizer", False):
+        raise _refuse("offload_optimizer.device nvme (optimizer state swapping)",
+                      "use offload_optimizer.device cpu or none")
     if getattr(wrapper, "elastic_checkpoint", False):
-        raise _refuse("DeepSpeed zero_optimization.elastic_checkpoint",
-                      "set elastic_checkpoint false (resume at the same data-parallel world size)")
-    if getattr(wrapper, "zenflow", False) or getattr(wrapper, "swap_optimizer", False):
-        raise _refuse("DeepSpeed ZenFlow / NVMe optimizer swapping", "use plain ZeRO 1/2/3")
+        raise _refuse("zero_optimization.elastic_checkpoint (it slices optimizer state as if it were flat)",
+                      "set elastic_checkpoint false and resume at the same data-parallel world size")
+    if getattr(wrapper, "zenflow", False):
+        raise _refuse("DeepSpeed ZenFlow", "use plain ZeRO 1/2/3")
     return SUPPORTED[name]
 
 
