@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from slimadam_hf import SlimAdamW
+from slimadam_hf.core.compress_spec import CompressSpecError
 from slimadam_hf.distributed.guards import UnsupportedShardingError, flat_backend
 
 
@@ -17,13 +18,18 @@ def _groups():
     return model, [{"params": named, "compress": [(1,), None, (0,), None]}]
 
 
-def test_zero3_partitioned_parameter_is_refused_at_creation():
-    # DeepSpeed ZeRO-3 leaves an empty local tensor and records the real shape in ds_* attributes.
+def test_zero3_partitioned_parameter_is_checked_against_its_ds_shape():
+    # DeepSpeed ZeRO-3 (zero.Init) leaves an empty local tensor and records the real shape in ds_* attributes.
     p = nn.Parameter(torch.empty(0))
     p.ds_shape, p.ds_id, p.ds_numel = torch.Size([3, 4]), 0, 12
-    with pytest.raises(UnsupportedShardingError, match=r"^SlimAdamW cannot run under DeepSpeed ZeRO stage 3: "
-                       r"parameter 'w' is a flat shard of shape \[0\].*Use FSDP2 instead"):
-        SlimAdamW([("w", p)])
+    assert flat_backend(p, "w") is None
+    SlimAdamW([{"params": [("w", p)], "compress": [(1,)]}])  # accepted: ZeRO-3 is supported
+    with pytest.raises(CompressSpecError, match=r"dims \[2\] out of range for shape \[3, 4\]"):
+        SlimAdamW([{"params": [("w", p)], "compress": [(2,)]}])
+    q = nn.Parameter(torch.empty(0))
+    q.ds_shape, q.ds_id, q.ds_numel = torch.Size([12]), 1, 12
+    with pytest.raises(CompressSpecError, match="'b' is 1-D"):
+        SlimAdamW([{"params": [("b", q)], "compress": [(0,)]}])
 
 
 def test_fsdp1_names_are_refused_at_creation():
@@ -47,8 +53,9 @@ def test_flat_partition_swapped_in_after_creation_is_refused_at_step():
         opt.step()
     message = str(info.value)
     assert message.startswith(
-        "SlimAdamW cannot run under a wrapper that flattens parameters (DeepSpeed ZeRO or FSDP1): param group 0 "
-        "was built with 4 per-tensor parameters, but now holds 1 flat tensor(s) of shape(s) [[23]]"
+        "SlimAdamW cannot run under a wrapper that flattens parameters (FSDP1, or DeepSpeed ZeRO with step() "
+        "called outside engine.step()): param group 0 was built with 4 per-tensor parameters, but now holds 1 "
+        "flat tensor(s) of shape(s) [[23]]"
     )
     assert torch.equal(flat, before)  # nothing was updated
 

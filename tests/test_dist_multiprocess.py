@@ -1,4 +1,4 @@
-"""Real 2-process gloo runs: DDP parity, exact FSDP2 steps, FSDP2 checkpoints, FSDP1 refusal.
+"""Real 2-process gloo runs: DDP parity, exact FSDP2 steps, FSDP2 checkpoints, FSDP1 refusal, DeepSpeed ZeRO stages.
 
 All checks share one spawn (tests/dist_workers/suite.py); process start-up dominates the cost.
 """
@@ -18,7 +18,10 @@ from dist_workers import harness, refusals, suite  # noqa: E402
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 FLAT_ERROR = "impossible on flat shards that mix many weights"
-ALTERNATIVES = "Use FSDP2 instead (torch.distributed.fsdp.fully_shard; accelerate/Trainer fsdp_version: 2), or DDP"
+ALTERNATIVES = (
+    "Use FSDP2 instead (torch.distributed.fsdp.fully_shard; accelerate/Trainer fsdp_version: 2), DeepSpeed ZeRO 1/2/3, "
+    "or DDP"
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +100,16 @@ def test_fsdp1_is_refused_with_a_clear_error(results):
     assert "_fsdp_wrapped_module._flat_param" in r["use_orig_params=False:build_slimadam"]
 
 
-def test_deepspeed_zero_stages(tmp_path):
+def test_deepspeed_zero_stages_match_single_process(tmp_path):
+    # ZeRO 1/2/3 are supported (tests/test_dist_zero.py has the full checks); here the exotic specs of
+    # the tiny model (3-D kernel over dims (0, 2), splits along dims 0 and 1, a (0, 1) weight) cut by
+    # the flat partitions
+    pytest.importorskip("deepspeed", reason="needs DeepSpeed")
     r = harness.spawn(refusals.deepspeed_zero, 2, tmp_path)
-    assert "error" not in r["stage0"], r["stage0"]
-    assert r["stage0"]["max_param_diff"] < 1e-5  # float32, vs one process on the global batch
-    for stage in (1, 2, 3):
-        message = r[f"stage{stage}"]["error"]
-        assert message.startswith(f"SlimAdamW cannot run under DeepSpeed ZeRO stage {stage}: param group 0 was built")
-        assert ALTERNATIVES in message
-    assert r["stage3_zero_init"]["error"].startswith("SlimAdamW cannot run under DeepSpeed ZeRO stage 3: parameter 'emb.weight'")
+    wrappers = {0: "SlimAdamW", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer",
+                3: "DeepSpeedZeroOptimizer_Stage3"}
+    for stage, wrapper in wrappers.items():
+        result = r[f"stage{stage}"]
+        assert result["wrapper"] == wrapper
+        assert result["moved"] > 1e-2
+        assert result["max_param_diff"] < 1e-6, (stage, result)  # float32, vs one process on the global batch

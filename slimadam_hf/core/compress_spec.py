@@ -45,7 +45,14 @@ class Segment:
     v_shape: tuple[int, ...]
     v_box: tuple[tuple[int, int, int], ...] = ()
     """Narrows ``(dim, start, length)`` from the segment's second moment to the entries this tensor's
-    slice uses; empty except for a sharded split weight, whose ranks each hold part of a segment."""
+    slice uses; empty except when a rank holds only part of a segment (sharded or flat-partitioned weights)."""
+    window: tuple[int, tuple[int, ...]] | None = None
+    """``(start, shape)``: the segment lives in a 1-D tensor (a DeepSpeed ZeRO flat partition) as the
+    box ``tensor.narrow(0, start, prod(shape)).view(shape)``, narrowed further by ``split_dim``. Its
+    second moment is then always ``exp_avg_sq.narrow(0, v_offset, v_numel).view(v_shape)``."""
+    shares_v: bool = False
+    """Another segment earlier in the same list already updates this second moment in the step (a
+    weight cut into several boxes): this one only reads it for its own slice's denominator."""
 
     @property
     def v_numel(self) -> int:
@@ -53,13 +60,16 @@ class Segment:
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """This segment's slice of a parameter-shaped tensor (param, grad or first moment)."""
+        if self.window is not None:
+            start, shape = self.window
+            tensor = tensor.narrow(0, start, math.prod(shape)).view(shape)
         if self.split_dim is None:
             return tensor
         return tensor.narrow(self.split_dim, self.offset, self.size)
 
     def second_moment_view(self, exp_avg_sq: torch.Tensor) -> torch.Tensor:
         """This segment's compressed second moment, inside the parameter's ``exp_avg_sq``."""
-        if self.split_dim is None:
+        if self.split_dim is None and self.window is None:
             return exp_avg_sq
         return exp_avg_sq.narrow(0, self.v_offset, self.v_numel).view(self.v_shape)
 

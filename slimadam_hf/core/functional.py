@@ -12,8 +12,10 @@ With no dims this is exactly ``torch.optim.AdamW``. ``v`` is float32 (float64 fo
 then updated in float32, rounded to nearest, and the stored value drives the update.
 
 ``second_moment_stats`` hands in ``mean(g_s ** 2)`` per segment instead of computing it from the
-gradient: the sharded (DTensor) step reduces its statistics across ranks and then runs this same update
-on the local shards.
+gradient (an entry may be ``None``: that segment computes it from the gradient): the sharded (DTensor)
+and flat-partition (DeepSpeed ZeRO) steps reduce their statistics across ranks and then run this same
+update on the local shards. A segment with ``shares_v`` (one box of a weight that a flat partition
+cuts into several) leaves the second moment to the earlier segment that updates it and only uses it.
 
 Implementations (``implementation=``):
 
@@ -40,8 +42,8 @@ from .quant import QuantizedMomentum
 from .reductions import mean_of_squares
 from .rounding import lerp_low_precision_, noise_bases, noise_key
 
-Stats = Optional[Sequence[Optional[Sequence[Tensor]]]]
-"""Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor per segment."""
+Stats = Optional[Sequence[Optional[Sequence[Optional[Tensor]]]]]
+"""Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor (or ``None``) per segment."""
 
 
 def slimadamw(
@@ -122,8 +124,11 @@ def _single_tensor_slimadamw(
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         for k, seg in enumerate(segs):
             v = seg.second_moment_view(exp_avg_sq)
-            if stats is not None:
-                v.mul_(beta2).add_(stats[k], alpha=1 - beta2)
+            stat = None if stats is None else stats[k]
+            if seg.shares_v:
+                pass  # updated by an earlier segment of this step
+            elif stat is not None:
+                v.mul_(beta2).add_(stat, alpha=1 - beta2)
             else:
                 g = seg.view(grad).to(v.dtype)
                 if seg.dims is None:
@@ -211,7 +216,7 @@ def _multi_tensor_bucket(
     lerp_momentum_(exp_avgs, grads, 1 - beta1, keys)
 
     full: dict[str, list] = defaultdict(list)  # v updated from g * g, elementwise
-    reduced: dict[str, list] = defaultdict(list)  # v updated from a mean of g * g
+    reduced: dict[str, list] = defaultdict(list)  # v updated from a mean of g * g (and segments sharing a v)
     for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats
     ):
@@ -220,15 +225,19 @@ def _multi_tensor_bucket(
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         for k, seg in enumerate(segs):
             v = seg.second_moment_view(exp_avg_sq)
-            if stats is None and seg.dims is None:
+            stat = None if stats is None else stats[k]
+            if seg.shares_v:  # applied after every v update, its own v's included
+                bucket = reduced
+            elif stat is None and seg.dims is None:
                 bucket = full
                 bucket["x"].append(seg.view(grad))
+                bucket["v"].append(v)
             else:
                 bucket = reduced
-                bucket["x"].append(stats[k] if stats is not None else mean_of_squares(seg.view(grad), seg.dims, v))
+                bucket["x"].append(stat if stat is not None else mean_of_squares(seg.view(grad), seg.dims, v))
+                bucket["v"].append(v)
             bucket["p"].append(seg.view(param))
             bucket["m"].append(seg.view(exp_avg))
-            bucket["v"].append(v)
             bucket["v_den"].append(seg.denominator_view(v))
             bucket["neg_step_size"].append(neg_step_size)
             bucket["bc2_sqrt"].append(bias_correction2_sqrt)
@@ -241,8 +250,9 @@ def _multi_tensor_bucket(
         torch._foreach_addcmul_(full["v"], g, g, 1 - beta2)
         _apply_update(full, eps, update_clip)
     if reduced:
-        torch._foreach_mul_(reduced["v"], beta2)
-        torch._foreach_add_(reduced["v"], reduced["x"], alpha=1 - beta2)
+        if reduced["v"]:
+            torch._foreach_mul_(reduced["v"], beta2)
+            torch._foreach_add_(reduced["v"], reduced["x"], alpha=1 - beta2)
         _apply_update(reduced, eps, update_clip)
 
 

@@ -1,9 +1,11 @@
-"""Refusal of flat-shard backends: SlimAdamW needs each weight whole (or as a DTensor) to compress it.
+"""Refusal of flat-shard backends SlimAdamW cannot map back to whole weights.
 
-FSDP1 and DeepSpeed ZeRO 1/2/3 give the optimizer flat 1-D shards that mix many weights; the second
-moment of a weight cannot be averaged over its rows or columns there. :func:`check_param_group` (at
-creation) and :func:`check_before_step` (each step) raise :class:`UnsupportedShardingError` naming the
-backend and the supported alternatives instead of running uncompressed or wrong.
+FSDP1 gives the optimizer flat 1-D shards that mix many weights with no record of where each weight
+sits; the second moment of a weight cannot be averaged over its rows or columns there.
+:func:`check_param_group` (at creation) and :func:`check_before_step` (each step) raise
+:class:`UnsupportedShardingError` naming the backend and the supported alternatives instead of running
+uncompressed or wrong. DeepSpeed ZeRO 1/2/3 flat partitions are mapped back to their weights by
+:mod:`slimadam_hf.distributed.zero` before these checks run; what still reaches them is refused.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ _CHECKED_GROUPS: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictio
 
 SUPPORTED_ALTERNATIVES = (
     "Use FSDP2 instead (torch.distributed.fsdp.fully_shard; accelerate/Trainer fsdp_version: 2), "
-    "or DDP; see docs/distributed.md"
+    "DeepSpeed ZeRO 1/2/3, or DDP; see docs/distributed.md"
+)
+
+
+_UNKNOWN_FLATTENER = (
+    "a wrapper that flattens parameters (FSDP1, or DeepSpeed ZeRO with step() called outside engine.step())"
 )
 
 
 class UnsupportedShardingError(RuntimeError):
-    """SlimAdamW was handed flat parameter shards (FSDP1, DeepSpeed ZeRO) it cannot compress."""
+    """SlimAdamW was handed flat parameter shards (FSDP1, an unsupported DeepSpeed setting) it cannot compress."""
 
 
 # -- detection of flat-shard backends ------------------------------------------------------------
@@ -44,12 +51,20 @@ def is_dtensor(tensor: Any) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
+def logical_shape(param: Tensor) -> tuple[int, ...]:
+    """The shape of the weight ``param`` stands for: ``ds_shape`` for a DeepSpeed ZeRO-3 partitioned
+    parameter (built under ``deepspeed.zero.Init``; its local tensor is empty), else its own shape."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return tuple(int(s) for s in (ds_shape if ds_shape is not None else param.shape))
+
+
 def flat_backend(param: Tensor, name: Optional[str] = None) -> Optional[str]:
     """The backend that turned ``param`` into a flat shard, or ``None`` for a per-tensor parameter.
 
-    Recognizes FSDP1 ``FlatParameter`` s (``use_orig_params=False``), FSDP1 original-parameter views
-    (``use_orig_params=True``: flattened 1-D shards, ``_fsdp_wrapped_module`` in their names) and
-    DeepSpeed ZeRO-3 partitioned parameters (``ds_shape`` / ``ds_id`` attributes).
+    Recognizes FSDP1 ``FlatParameter`` s (``use_orig_params=False``) and FSDP1 original-parameter views
+    (``use_orig_params=True``: flattened 1-D shards, ``_fsdp_wrapped_module`` in their names).
+    DeepSpeed ZeRO-3 partitioned parameters (``ds_shape`` / ``ds_id``) are per-tensor: they keep their
+    shape in ``ds_shape`` (:func:`logical_shape`).
     """
     if getattr(param, "_is_flat_param", False) or (name is not None and name.endswith("_flat_param")):
         return "FSDP1 (FullyShardedDataParallel)"
@@ -57,8 +72,6 @@ def flat_backend(param: Tensor, name: Optional[str] = None) -> Optional[str]:
         getattr(param, "_fsdp_flattened", False) or (name is not None and "_fsdp_wrapped_module" in name)
     ):
         return "FSDP1 (FullyShardedDataParallel)"
-    if hasattr(param, "ds_shape") or hasattr(param, "ds_id"):
-        return "DeepSpeed ZeRO stage 3"
     return None
 
 
@@ -89,7 +102,7 @@ def _flat_error(backend: str, what: str) -> UnsupportedShardingError:
 
 
 def check_param_group(group: dict[str, Any]) -> None:
-    """Raise :class:`UnsupportedShardingError` if a new param group holds FSDP1/ZeRO-3 flat shards."""
+    """Raise :class:`UnsupportedShardingError` if a new param group holds FSDP1 flat shards."""
     names = group.get("param_names")
     for i, p in enumerate(group["params"]):
         name = names[i] if names else None
@@ -102,9 +115,10 @@ def check_param_group(group: dict[str, Any]) -> None:
 def check_before_step(optimizer: Any) -> bool:
     """Raise if a wrapper swapped the param groups' tensors for flat shards; whether any is a DTensor.
 
-    DeepSpeed ZeRO 1/2/3 (and its fp16/bf16 optimizers) replace every group's ``params`` with one flat
-    partition after the optimizer was built; accelerate swaps in FSDP2's DTensors. The check reruns
-    only when a group's params list changed.
+    DeepSpeed ZeRO 1/2/3 replace every group's ``params`` with one flat partition after the optimizer
+    was built (handled by :mod:`slimadam_hf.distributed.zero` before this check; what reaches it, e.g.
+    a flattening wrapper that is not DeepSpeed, is refused); accelerate swaps in FSDP2's DTensors. The
+    check reruns only when a group's params list changed.
     """
     key = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
     cached = _CHECKED_GROUPS.get(optimizer)
@@ -114,7 +128,7 @@ def check_before_step(optimizer: Any) -> bool:
         params, names, compress = group["params"], group.get("param_names"), group.get("compress")
         expected = len(compress) if compress is not None else len(names) if names else len(params)
         if len(params) != expected:
-            backend = _flattening_caller() or "a wrapper that flattens parameters (DeepSpeed ZeRO or FSDP1)"
+            backend = _flattening_caller() or _UNKNOWN_FLATTENER
             shapes = [list(p.shape) for p in params]
             raise _flat_error(
                 backend,
@@ -124,7 +138,7 @@ def check_before_step(optimizer: Any) -> bool:
         check_param_group(group)
         for i, (p, spec) in enumerate(zip(params, compress or ())):
             if spec is not None and p.dim() < 2:
-                backend = _flattening_caller() or "a wrapper that flattens parameters (DeepSpeed ZeRO or FSDP1)"
+                backend = _flattening_caller() or _UNKNOWN_FLATTENER
                 label = repr(names[i]) if names else f"params[{i}]"
                 raise _flat_error(
                     backend, f"parameter {label} of group {index} is now a flat shard of shape {list(p.shape)}"

@@ -23,8 +23,8 @@ from ..core.compress_spec import (
 from ..core.functional import slimadamw
 from ..core import quant
 from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
-from ..distributed import dtensor
-from ..distributed.guards import check_before_step, check_param_group, is_dtensor
+from ..distributed import dtensor, zero
+from ..distributed.guards import check_before_step, check_param_group, is_dtensor, logical_shape
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     """The innermost optimizer inside wrappers that hold it as ``.optimizer`` (accelerate, DeepSpeed)."""
     for _ in range(5):
         inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, Optimizer):
-            break
+        if not isinstance(inner, Optimizer) and not callable(getattr(inner, "step", None)):
+            break  # DeepSpeed's ZeRO wrappers are not torch Optimizers but hold ours as .optimizer
         optimizer = inner
     return optimizer
 
@@ -147,6 +147,7 @@ class SlimAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_param_group(group)
+        zero.remember_params(self, group)  # DeepSpeed ZeRO later swaps them for flat partitions
         # a group may set its own options: check them as the constructor's
         group["momentum_dtype"] = momentum_dtype_name(group["momentum_dtype"])
         SlimAdamConfig(implementation=group["implementation"], foreach=group["foreach"])
@@ -166,12 +167,13 @@ class SlimAdamW(Optimizer):
         names = group.get("param_names") or [f"params[{i}]" for i in range(n)]
         specs = [normalize_spec(spec, name) for spec, name in zip(compress, names)]
         for p, spec, name in zip(group["params"], specs, names):
-            if spec is not None and p.dim() < 2:
+            shape = logical_shape(p)  # ZeRO-3 zero.Init partitions: the weight's shape
+            if spec is not None and len(shape) < 2:
                 raise CompressSpecError(
-                    f"parameter {name!r} is {p.dim()}-D; 1-D tensors (norms, biases) are never "
+                    f"parameter {name!r} is {len(shape)}-D; 1-D tensors (norms, biases) are never "
                     "compressed, give None for it"
                 )
-            segments(spec, p.shape, name)
+            segments(spec, shape, name)
         if any(spec is not None for spec in specs):
             group["compress"] = specs
         else:
@@ -244,11 +246,16 @@ class SlimAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        sharded = check_before_step(self)
-        batches = [self._batch(group, sharded) for group in self.param_groups]
+        # DeepSpeed ZeRO 1/2/3 flat partitions: statistics all-reduced (see slimadam_hf.distributed.zero)
+        flat = zero.prepare_step(self, lambda group, p: momentum_dtype_for(group["momentum_dtype"], p))
+        sharded = check_before_step(self) if flat is None else False
+        batches = [self._batch(group, sharded) for group in self.param_groups] if flat is None else [
+            (batch, []) for batch in flat.batches]
         if sharded:
             calls, nbytes = dtensor.all_reduce_statistics([s for _, shards in batches for s in shards])
             self.comm_stats = {"all_reduce_calls": calls, "all_reduce_bytes": nbytes}
+        elif flat is not None:
+            self.comm_stats = flat.comm_stats
         for group, (batch, _) in zip(self.param_groups, batches):
             if not batch.params:
                 continue
@@ -263,7 +270,9 @@ class SlimAdamW(Optimizer):
                 second_moment_stats=batch.stats,
                 rounding_seed=group["rounding_seed"] if group["momentum_rounding"] == "stochastic" else None,
                 update_clip=ROBUST_UPDATE_CLIP if group["robust"] else None,
-                implementation=_implementation(group),
+                # compiled kernels are per weight; a flat partition runs the eager batched update
+                implementation="foreach" if flat is not None and _implementation(group) == "compiled"
+                else _implementation(group),
                 lr=_as_float(group["lr"]),
                 beta1=_as_float(beta1),
                 beta2=_as_float(beta2),

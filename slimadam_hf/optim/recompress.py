@@ -6,6 +6,8 @@ import difflib
 from typing import Any, Mapping
 
 from ..core.compress_spec import CompressSpec, compress_second_moment, normalize_spec, segments
+from ..distributed import zero
+from ..distributed.guards import UnsupportedShardingError
 from .optimizer import SlimAdamW, unwrap_optimizer
 
 
@@ -31,6 +33,11 @@ def compress_in_place(optimizer: Any, specs_by_name: Mapping[str, CompressSpec])
         the bytes of second-moment state freed.
     """
     opt = _slim(optimizer)
+    if zero.is_flattened(opt):
+        raise UnsupportedShardingError(
+            "compress_in_place (and auto-snr) cannot run under DeepSpeed ZeRO, whose flat partitions hold the "
+            "state; measure SNR on a run without ZeRO (single process or DDP) and train with the rules it wrote"
+        )
     located: dict[str, tuple[dict[str, Any], int]] = {}
     for group in opt.param_groups:
         names = group.get("param_names")

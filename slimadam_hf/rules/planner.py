@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core.compress_spec import segments
+from ..distributed.guards import logical_shape
 from .layouts import Layout, weight_layout
 from .plan import CompressionPlan, PartPlan, PlanEntry
 from .presets import (
@@ -73,18 +74,19 @@ class _Planner:
 
     def plan(self, name: str, param: torch.Tensor, owner: nn.Module, aliases: tuple[str, ...]) -> PlanEntry:
         cname = canonical_name(name)
-        shape = tuple(param.shape)
+        shape = logical_shape(param)  # DeepSpeed zero.Init partitions keep theirs in ds_shape
+        ndim = len(shape)
         leaf = name.rsplit(".", 1)[-1]
-        layout = weight_layout(owner, leaf, param.dim())
+        layout = weight_layout(owner, leaf, ndim)
         base = dict(name=name, shape=shape, dtype=param.dtype, owner=type(owner).__name__, aliases=aliases)
         pattern = self.match(cname)
 
         explicit = [n for n in (name, cname, *aliases, *map(canonical_name, aliases)) if n in self.preset.params]
         if explicit:
             dims = self.preset.params[explicit[0]]
-            if dims is not None and param.dim() < 2:
+            if dims is not None and ndim < 2:
                 raise RuleError(
-                    f"parameter {name!r} is {param.dim()}-D; 1-D tensors (norms, biases) are never "
+                    f"parameter {name!r} is {ndim}-D; 1-D tensors (norms, biases) are never "
                     f"compressed, so its explicit dims {list(dims)} cannot apply: set it to null"
                 )
             role = pattern.role if pattern is not None and pattern.role else ("norm" if is_norm_name(cname, owner) else "other")
@@ -95,11 +97,11 @@ class _Planner:
             return PlanEntry(role=role, rule=rule, dims=resolved, decided_by="params", **base)
 
         if _ADAPTER_RE.search(cname):
-            rule = self.rule_for("adapter") if param.dim() >= 2 else "none"
+            rule = self.rule_for("adapter") if ndim >= 2 else "none"
             dims = rule_to_dims(rule, layout, shape, name)
             return PlanEntry(role="adapter", rule=rule, dims=dims, decided_by="peft adapter", **base)
 
-        if param.dim() < 2:
+        if ndim < 2:
             role = "norm" if is_norm_name(cname, owner) else "bias" if leaf == "bias" else "other"
             return PlanEntry(role=role, rule="none", dims=None, decided_by="1-D", **base)
 

@@ -29,6 +29,8 @@ import torch
 
 from ..core.compress_spec import CompressSpec, normalize_spec, parse_dims
 from ..core.options import AUTO_SNR_PRESET, SlimAdamConfig
+from ..distributed import zero
+from ..distributed.guards import UnsupportedShardingError
 from ..distributed.ranks import is_main_process, same_on_all_ranks
 from ..optim.optimizer import SlimAdamW
 from ..optim.recompress import compress_in_place
@@ -176,6 +178,11 @@ class AutoSNRSlimAdamW(SlimAdamW):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # noqa: D102 (SlimAdamW.step, then the probe)
+        if self.switched_at is None and zero.is_flattened(self):
+            raise UnsupportedShardingError(
+                "auto-snr cannot probe under DeepSpeed ZeRO (flat partitions hold the second moments); measure "
+                "SNR on a run without ZeRO (single process or DDP), then train under ZeRO with its rules file"
+            )
         loss = super().step(closure)
         if self.switched_at is None:
             self.probe_step += 1

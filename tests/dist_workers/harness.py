@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], out_di
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
     faulthandler.enable()  # a native abort (gloo collective mismatch) still prints Python stacks
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints a hung rank's stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
     try:

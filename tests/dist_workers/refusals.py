@@ -1,4 +1,5 @@
-"""Flat-shard backends (FSDP1, DeepSpeed ZeRO) must be refused with a clear error, never run silently."""
+"""FSDP1 and the DeepSpeed settings SlimAdamW cannot follow exactly are refused with a clear error, never run
+silently; DeepSpeed ZeRO 1/2/3 themselves run (checked against one process here and in ``zero.py``)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def fsdp1(rank: int, world_size: int, out_dir: Path) -> dict:
 
 
 def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0, 1, 2, 3)) -> dict:
-    """Real DeepSpeed (CPU accelerator, gloo): one training step per ZeRO stage with SlimAdamW."""
+    """Real DeepSpeed (CPU accelerator, gloo): two steps per ZeRO stage of the exotic-spec model vs one process."""
     import deepspeed
 
     warnings.filterwarnings("ignore")
@@ -66,25 +67,54 @@ def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
                   "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default
-
-        def run() -> float:
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-            for step in range(2):
-                loss = engine(models.batch(step, rank, world_size))
-                engine.backward(loss)
-                engine.step()
-                ref(models.batch(step)).backward()
-                ref_opt.step()
-                ref_opt.zero_grad()
-            return max((p - q).abs().max().item() for p, q in zip(engine.module.parameters(), ref.parameters()))
-
-        try:
-            result[f"stage{stage}"] = {"max_param_diff": run()}
-        except UnsupportedShardingError as exc:
-            result[f"stage{stage}"] = {"error": str(exc)}
-    # ZeRO-3 with zero.Init (accelerate's zero3_init_flag): parameters are partitioned before the optimizer.
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        model = models.Tiny()
-    result["stage3_zero_init"] = {"error": _error(lambda: SlimAdamW(models.param_groups(model)))}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        for step in range(2):
+            loss = engine(models.batch(step, rank, world_size))
+            engine.backward(loss)
+            engine.step()
+            ref(models.batch(step)).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+            diff = max((p - q).abs().max().item() for p, q in zip(params, ref.parameters()))
+            moved = max((q - r).abs().max().item() for q, r in zip(ref.parameters(), models.make_model().float().parameters()))
+        result[f"stage{stage}"] = {"max_param_diff": diff, "moved": moved, "wrapper": type(engine.optimizer).__name__}
     return result
+
+
+def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_state: bool = False, **config) -> str:
+    """One real DeepSpeed ZeRO run of the tiny model; the UnsupportedShardingError it raises, or 'NO ERROR'."""
+    import deepspeed
+    import torch.distributed as dist
+
+    model = models.make_model().float()
+    opt = SlimAdamW(models.param_groups(model), lr=1e-2)
+    zero = {"stage": stage, **config.pop("zero", {})}
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+              "zero_force_ds_cpu_optimizer": False, "gradient_clipping": 0.0, **config}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    def train() -> None:
+        for step in range(steps):
+            engine.backward(engine(models.batch(step, rank, world_size)))
+            engine.step()
+        if swap_state:  # each rank loads the other rank's optimizer state (same world size, other layout)
+            states = [None] * world_size
+            dist.all_gather_object(states, opt.state_dict())
+            opt.load_state_dict(states[(rank + 1) % world_size])
+            engine.backward(engine(models.batch(steps, rank, world_size)))
+            engine.step()
+
+    return _error(train)
+
+
+def deepspeed_refusals(rank: int, world_size: int, out_dir: Path) -> dict:
+    """DeepSpeed settings that SlimAdamW refuses at the first step, each with its one-line error."""
+    warnings.filterwarnings("ignore")
+    return {
+        "bf16_optimizer": _zero_error(rank, world_size, 1, bf16={"enabled": True},
+                                      data_types={"grad_accum_dtype": "fp32"}),
+        "elastic_checkpoint": _zero_error(rank, world_size, 2, zero={"elastic_checkpoint": True}),
+        "other_rank_state": _zero_error(rank, world_size, 2, swap_state=True),
+    }

@@ -111,7 +111,10 @@ def main():
     # Markers for the tests. Under `accelerate launch` both ranks share one (unbuffered) pipe, where
     # print() writes each argument separately: one write per whole line keeps the other rank out of it.
     sys.stdout.flush()
-    sys.stdout.write(f"OPTIMIZER {type(trainer.optimizer.optimizer).__name__}\n")
+    inner = trainer.optimizer  # the optimizer inside accelerate's (and DeepSpeed's) wrappers
+    while getattr(inner, "optimizer", None) is not None:
+        inner = inner.optimizer
+    sys.stdout.write(f"OPTIMIZER {type(inner).__name__}\n")
     sys.stdout.write(f"FINAL {json.dumps({'optim': str(training_args.optim), 'step': trainer.state.global_step})}\n")
     sys.stdout.flush()
 
