@@ -24,13 +24,29 @@ from ..core.functional import slimadamw
 from ..core import quant
 from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
 from ..distributed import dtensor, zero
-from ..distributed.guards import check_before_step, check_param_group, is_dtensor, logical_shape
+from ..distributed.guards import (
+    UnsupportedShardingError,
+    check_before_step,
+    check_param_group,
+    is_dtensor,
+    logical_shape,
+)
 
 logger = logging.getLogger(__name__)
 
 
 ROBUST_UPDATE_CLIP = 1.0
 """The largest per-coordinate update ``robust=True`` allows (AdamW's update rarely exceeds it)."""
+
+
+def _flat_momentum_dtype(group: dict[str, Any], flat: Tensor) -> torch.dtype:
+    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused)."""
+    if group["momentum_dtype"] == "int8":
+        raise UnsupportedShardingError(
+            "SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions yet; use "
+            "momentum_dtype='bfloat16' under ZeRO, or int8 with DDP / one process"
+        )
+    return momentum_dtype_for(group["momentum_dtype"], flat)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -247,7 +263,7 @@ class SlimAdamW(Optimizer):
                 loss = closure()
 
         # DeepSpeed ZeRO 1/2/3 flat partitions: statistics all-reduced (see slimadam_hf.distributed.zero)
-        flat = zero.prepare_step(self, lambda group, p: momentum_dtype_for(group["momentum_dtype"], p))
+        flat = zero.prepare_step(self, _flat_momentum_dtype)
         sharded = check_before_step(self) if flat is None else False
         batches = [self._batch(group, sharded) for group in self.param_groups] if flat is None else [
             (batch, []) for batch in flat.batches]
