@@ -118,6 +118,7 @@ def test_refused_settings_give_one_line_errors(results):
         "SlimAdamW: the optimizer state of this DeepSpeed ZeRO partition was saved for data-parallel world size 2, rank"
     )
     assert "resume a ZeRO checkpoint with the same world size" in r["other_rank_state"]
+    assert r["auto_snr"].startswith("auto-snr cannot probe under DeepSpeed ZeRO")
 
 
 # -- Trainer --------------------------------------------------------------------------------------

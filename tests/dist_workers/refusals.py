@@ -117,4 +117,25 @@ def deepspeed_refusals(rank: int, world_size: int, out_dir: Path) -> dict:
                                       data_types={"grad_accum_dtype": "fp32"}),
         "elastic_checkpoint": _zero_error(rank, world_size, 2, zero={"elastic_checkpoint": True}),
         "other_rank_state": _zero_error(rank, world_size, 2, swap_state=True),
+        "auto_snr": _auto_snr_error(rank, world_size),
     }
+
+
+def _auto_snr_error(rank: int, world_size: int) -> str:
+    """auto-snr (full Adam for a probe, then compress in place) under ZeRO-2."""
+    import deepspeed
+
+    from slimadam_hf import build_auto_snr
+
+    from .zero import batch, ds_config, tiny
+
+    model = tiny("gpt2")
+    opt = build_auto_snr(model, preset="gpt2", probe_steps=2, lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+
+    def train() -> None:
+        ids = batch(0, rank, world_size)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    return _error(train)
