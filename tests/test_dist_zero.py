@@ -110,7 +110,9 @@ def test_refused_settings_give_one_line_errors(results):
     r = _check(results, "refusals")
     for key, message in r.items():
         assert "\n" not in message and message != "NO ERROR", (key, message)
-    assert r["bf16_optimizer"].startswith("SlimAdamW does not support DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1")
+    assert r["bf16_optimizer"].startswith(
+        "SlimAdamW does not support DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1"
+    )
     assert "drop data_types.grad_accum_dtype or use zero_optimization stage 2" in r["bf16_optimizer"]
     assert r["elastic_checkpoint"].startswith("SlimAdamW does not support zero_optimization.elastic_checkpoint")
     # a state dict of another rank (or layout) is refused at the next step instead of being misread

@@ -72,7 +72,9 @@ def _boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, tup
     return out
 
 
-def _stage12_entries(wrapper: Any, i: int, rank: int, world: int) -> list[tuple[Tensor, tuple, int, int, int, bool]]:
+def _stage12_entries(wrapper: Any, i: int, rank: int) -> list[tuple[Tensor, tuple, int, int, int, bool]]:
+    """Per weight of ZeRO-1/2 group ``i`` (flat order): (param, shape, first local element, local count,
+    its offset in the partition, cut by a boundary?)."""
     params = wrapper.round_robin_bit16_groups[i]
     offsets = getattr(wrapper, "round_robin_bit16_offsets", None)
     offsets = offsets[i] if offsets else [sum(p.numel() for p in params[:k]) for k in range(len(params))]
@@ -90,6 +92,8 @@ def _stage12_entries(wrapper: Any, i: int, rank: int, world: int) -> list[tuple[
 
 
 def _stage3_entries(wrapper: Any, k: int, rank: int) -> list[tuple[Tensor, tuple, int, int, int, bool]]:
+    """The same for ZeRO-3 sub-group ``k``: each weight is partitioned on its own (rank r holds elements
+    ``[r * partition_numel, (r + 1) * partition_numel)``, the last rank padded)."""
     out, offset = [], 0
     for p in wrapper.fp16_groups[k]:
         shape, numel, size = tuple(p.ds_shape), int(p.ds_numel), int(p.partition_numel())
@@ -108,15 +112,15 @@ def _locate(wrapper: Any, stage: str, flat: Tensor) -> tuple[int, Any, list]:
         k = next((n for n, t in enumerate(parts) if t is flat), None)
         if k is None:
             raise RuntimeError("SlimAdamW: a ZeRO-3 step handed a tensor that is none of the wrapper's partitions")
-        pg = wrapper.sub_group_process_groups[k] if hasattr(wrapper, "sub_group_process_groups") else wrapper.dp_process_group
+        groups = getattr(wrapper, "sub_group_process_groups", None)
+        pg = groups[k] if groups else wrapper.dp_process_group
         return k, pg, _stage3_entries(wrapper, k, dist.get_rank(group=pg))
     parts = wrapper.single_partition_of_fp32_groups
     i = next((n for n, t in enumerate(parts) if t is flat), None)
     if i is None:
         raise RuntimeError("SlimAdamW: a ZeRO-1/2 step handed a tensor that is none of the wrapper's partitions")
     pg = wrapper.real_dp_process_group[i]
-    return i, pg, _stage12_entries(wrapper, i, dist.get_rank(group=pg), dist.get_world_size(group=pg))
-
+    return i, pg, _stage12_entries(wrapper, i, dist.get_rank(group=pg))
 
 
 def _weight_segments(

@@ -75,10 +75,10 @@ def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0
             ref(models.batch(step)).backward()
             ref_opt.step()
             ref_opt.zero_grad()
-        params = list(engine.module.parameters())
+        params, initial = list(engine.module.parameters()), models.make_model().float().parameters()
         with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
             diff = max((p - q).abs().max().item() for p, q in zip(params, ref.parameters()))
-            moved = max((q - r).abs().max().item() for q, r in zip(ref.parameters(), models.make_model().float().parameters()))
+        moved = max((q - r).abs().max().item() for q, r in zip(ref.parameters(), initial))
         result[f"stage{stage}"] = {"max_param_diff": diff, "moved": moved, "wrapper": type(engine.optimizer).__name__}
     return result
 
