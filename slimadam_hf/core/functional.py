@@ -30,6 +30,7 @@ Implementations (``implementation=``):
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -44,6 +45,26 @@ from .rounding import lerp_low_precision_, noise_bases, noise_key
 
 Stats = Optional[Sequence[Optional[Sequence[Optional[Tensor]]]]]
 """Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor (or ``None``) per segment."""
+
+
+@dataclass
+class UpdateBatch:
+    """The inputs of one :func:`slimadamw` call, as aligned lists (a param group's, or a ZeRO partition's)."""
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    segments: list[tuple[Segment, ...]] = field(default_factory=list)
+    stats: list[Optional[list[Optional[Tensor]]]] = field(default_factory=list)
+
+    def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None) -> None:  # noqa: ANN001
+        for seq, value in zip(
+            (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.segments, self.stats),
+            (param, grad, exp_avg, exp_avg_sq, step, segs, stats),
+        ):
+            seq.append(value)
 
 
 def slimadamw(

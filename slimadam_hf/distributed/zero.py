@@ -35,13 +35,14 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..core.compress_spec import Segment, second_moment_dtype
+from ..core.compress_spec import second_moment_dtype
+from ..core.functional import UpdateBatch
 from ..core.reductions import sum_of_squares
 from . import zero_layout
 from .guards import UnsupportedShardingError, is_dtensor
@@ -66,23 +67,10 @@ def remember_params(optimizer: Any, group: dict[str, Any]) -> None:
 
 
 @dataclass
-class FlatBatch:
-    """One param group's update inputs (aligned lists, see :func:`slimadamw`): its flat partition, if any."""
-
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    exp_avgs: list[Tensor] = field(default_factory=list)
-    exp_avg_sqs: list[Tensor] = field(default_factory=list)
-    steps: list[Tensor] = field(default_factory=list)
-    segments: list[tuple[Segment, ...]] = field(default_factory=list)
-    stats: list[list[Optional[Tensor]]] = field(default_factory=list)
-
-
-@dataclass
 class ZeroStep:
     """What :meth:`SlimAdamW.step` needs under ZeRO: a batch per param group and the communication made."""
 
-    batches: list[FlatBatch]
+    batches: list[UpdateBatch]
     comm_stats: dict[str, int]
 
 
@@ -234,7 +222,7 @@ def prepare_step(optimizer: Any, momentum_dtype: Any) -> Optional[ZeroStep]:
     stage = _check_supported(wrapper)
     batches, regions = [], []
     for group in optimizer.param_groups:
-        batch = FlatBatch()
+        batch = UpdateBatch()
         batches.append(batch)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -250,13 +238,7 @@ def prepare_step(optimizer: Any, momentum_dtype: Any) -> Optional[ZeroStep]:
         buf, stats = _statistics(layout, flat.grad, state[V_KEY].dtype)
         if layout.reduce_numel:
             regions.append((layout.pg, buf[: layout.reduce_numel]))
-        batch.params.append(flat)
-        batch.grads.append(flat.grad)
-        batch.exp_avgs.append(state["exp_avg"])
-        batch.exp_avg_sqs.append(state[V_KEY])
-        batch.steps.append(state["step"])
-        batch.segments.append(layout.segments)
-        batch.stats.append(stats)
+        batch.add(flat, flat.grad, state["exp_avg"], state[V_KEY], state["step"], layout.segments, stats)
     calls, nbytes = _all_reduce(regions)
     totals = _TOTALS.setdefault(optimizer, [0, 0])
     totals[0] += calls

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -13,14 +12,13 @@ from torch.optim import Optimizer
 from ..core.compress_spec import (
     CompressSpec,
     CompressSpecError,
-    Segment,
     cached_segments,
     normalize_spec,
     second_moment_dtype,
     second_moment_shape,
     segments,
 )
-from ..core.functional import slimadamw
+from ..core.functional import UpdateBatch, slimadamw
 from ..core import quant
 from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
 from ..distributed import dtensor, zero
@@ -74,26 +72,6 @@ def _first_moment(state: dict[str, Any], param: Tensor) -> Any:
     if "exp_avg_absmax" in state:
         return quant.QuantizedMomentum(state["exp_avg"], state["exp_avg_absmax"], param.shape)
     return state["exp_avg"]
-
-
-@dataclass
-class _Batch:
-    """The inputs of one param group's update, aligned lists (see :func:`slimadamw`)."""
-
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    exp_avgs: list[Tensor] = field(default_factory=list)
-    exp_avg_sqs: list[Tensor] = field(default_factory=list)
-    steps: list[Tensor] = field(default_factory=list)
-    segments: list[tuple[Segment, ...]] = field(default_factory=list)
-    stats: list[Optional[list[Tensor]]] = field(default_factory=list)
-
-    def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None) -> None:  # noqa: ANN001
-        for seq, value in zip(
-            (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.segments, self.stats),
-            (param, grad, exp_avg, exp_avg_sq, step, segs, stats),
-        ):
-            seq.append(value)
 
 
 class SlimAdamW(Optimizer):
@@ -224,9 +202,9 @@ class SlimAdamW(Optimizer):
             )
         return state
 
-    def _batch(self, group: dict[str, Any], sharded: bool) -> tuple[_Batch, list[dtensor.LocalInputs]]:
+    def _batch(self, group: dict[str, Any], sharded: bool) -> tuple[UpdateBatch, list[dtensor.LocalInputs]]:
         """The group's update inputs; DTensor parameters come as local shards with partial statistics."""
-        batch, shards = _Batch(), []
+        batch, shards = UpdateBatch(), []
         for i, (p, spec) in enumerate(zip(group["params"], self._group_specs(group))):
             if p.grad is None:
                 continue
