@@ -97,3 +97,14 @@ def test_stochastic_rounding_needs_a_bfloat16_moment():
         SlimAdamW([torch.nn.Parameter(torch.randn(2, 2))], momentum_dtype="int8", momentum_rounding="stochastic")
     with pytest.raises(OptionsError, match="momentum_rounding='up'"):
         SlimAdamW([torch.nn.Parameter(torch.randn(2, 2))], momentum_rounding="up")
+
+
+def test_stochastic_rounding_leaves_a_float32_moment_exact():
+    # momentum_dtype=None on float32 parameters: the moment is float32, so "stochastic" must change nothing
+    runs = []
+    for rounding in ("stochastic", "nearest"):
+        params = _params(torch.float32)
+        opt = SlimAdamW([{"params": params, "compress": SPECS}], momentum_rounding=rounding, **HYPER)
+        _run(opt, params, 4)
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -54,9 +54,9 @@ def quantized_update(
 ) -> None:
     """One parameter with an int8 first moment: the statistics and ``v`` first (they need only ``g``), then
     the elementwise update chunk by chunk, each chunk's moment dequantized, updated, stored and used."""
-    bound = None if update_clip is None else update_clip * (1 - beta1**(step_t.item() + 1))
     step_t += 1
     step = step_t.item()
+    bound = None if update_clip is None else update_clip * (1 - beta1**step)
     neg_step_size = -lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if weight_decay != 0:
@@ -97,7 +97,7 @@ def quantized_update(
             if bound is None:
                 p_view.addcdiv_(m_view, d, value=neg_step_size)
             else:
-                p_view.add_((m_view / d).clamp_(-bound, bound).to(p_view.dtype), alpha=neg_step_size)
+                clamped_update_(p_view, m_view, d, neg_step_size, bound)
 
 
 def clamped_update_(p: Tensor, m: Tensor, denom: Tensor, neg_step_size: float, bound: float) -> None:

@@ -164,9 +164,10 @@ def compiled_slimadamw(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
         ):
             step = step_t.item()
-            stochastic = base is not None and isinstance(exp_avg, Tensor) and exp_avg.dtype == torch.bfloat16
+            key = noise_key(base, step, exp_avg)
+            stochastic = key is not None
             if stochastic:
-                lerp_low_precision_(exp_avg, grad, 1 - beta1, noise_key(base, step))
+                lerp_low_precision_(exp_avg, grad, 1 - beta1, key)
             stats = None if stats is None else tuple(stats)
             absmax = None
             if isinstance(exp_avg, QuantizedMomentum):

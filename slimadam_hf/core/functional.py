@@ -9,7 +9,9 @@ For each parameter with compress segments ``S`` (see :mod:`slimadam_hf.core.comp
 
 With no dims this is exactly ``torch.optim.AdamW``. ``v`` is float32 (float64 for float64 params).
 ``m`` may be stored in another precision than the parameter (``SlimAdamW(momentum_dtype=...)``): it is
-then updated in float32, rounded to nearest, and the stored value drives the update.
+then updated in float32 and stored back (bfloat16: rounded to nearest or stochastically, see
+:mod:`slimadam_hf.core.rounding`; int8: block-quantized, see :mod:`slimadam_hf.core.quant`), and the
+stored value drives the update.
 
 ``second_moment_stats`` hands in ``mean(g_s ** 2)`` per segment instead of computing it from the
 gradient (an entry may be ``None``: that segment computes it from the gradient): the sharded (DTensor)
@@ -134,12 +136,13 @@ def _single_tensor_slimadamw(
         step = step_t.item()
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
+        key = noise_key(base, step, exp_avg)
         if isinstance(exp_avg, QuantizedMomentum):  # int8 codes: update in float32, store, use what was stored
             exp_avg = exp_avg.store_(exp_avg.dequantize().lerp_(grad.float(), 1 - beta1))
-        elif exp_avg.dtype == grad.dtype and (base is None or exp_avg.dtype != torch.bfloat16):
+        elif exp_avg.dtype == grad.dtype and key is None:
             exp_avg.lerp_(grad, 1 - beta1)
         else:
-            lerp_low_precision_(exp_avg, grad, 1 - beta1, noise_key(base, step))
+            lerp_low_precision_(exp_avg, grad, 1 - beta1, key)
 
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
@@ -232,8 +235,7 @@ def _multi_tensor_bucket(
     torch._foreach_add_(state_steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    keys = [noise_key(base, step_t.item()) if m.dtype == torch.bfloat16 else None
-            for base, step_t, m in zip(noise, state_steps, exp_avgs)]
+    keys = [noise_key(base, step_t.item(), m) for base, step_t, m in zip(noise, state_steps, exp_avgs)]
     lerp_momentum_(exp_avgs, grads, 1 - beta1, keys)
 
     full: dict[str, list] = defaultdict(list)  # v updated from g * g, elementwise

@@ -11,7 +11,7 @@ The work goes chunk by chunk (:data:`CHUNK` elements) so the float32 workspace s
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -25,9 +25,12 @@ def noise_bases(seed: Optional[int], count: int) -> list[Optional[int]]:
     return [None if seed is None else seed * 1_000_003 + position for position in range(count)]
 
 
-def noise_key(base: Optional[int], step: float) -> Optional[int]:
-    """The key of one parameter's noise at ``step`` (``None`` stays ``None``)."""
-    return None if base is None else base * 1_000_033 + int(step)
+def noise_key(base: Optional[int], step: float, exp_avg: Any) -> Optional[int]:
+    """The key of one parameter's noise at ``step``; ``None`` (round to nearest) without a base or when
+    ``exp_avg`` is not a bfloat16 tensor: stochastic rounding is for bfloat16 moments only."""
+    if base is None or getattr(exp_avg, "dtype", None) != torch.bfloat16:
+        return None
+    return base * 1_000_033 + int(step)
 
 
 def _chunks(m: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
@@ -43,7 +46,7 @@ def lerp_low_precision_(m: Tensor, g: Tensor, weight: float, key: Optional[int] 
     """``m <- m + weight * (g - m)`` in float32, stored into ``m``'s dtype: nearest, or stochastic with ``key``."""
     for index, (m_part, g_part) in enumerate(_chunks(m, g)):
         exact = m_part.float().lerp_(g_part.float(), weight)
-        if key is not None and m.dtype == torch.bfloat16:
+        if key is not None:  # noise_key gives keys for bfloat16 moments only
             generator = torch.Generator(device=exact.device).manual_seed((key * 65_537 + index) % (1 << 62))
             noise = torch.randint(0, _LOW_BITS, exact.shape, generator=generator, dtype=torch.int32,
                                   device=exact.device)
