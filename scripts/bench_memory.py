@@ -36,6 +36,7 @@ OPTIMIZERS = {  # name -> (TrainingArguments.optim, optim_args)
     "slimadam-bf16": ("slimadam", "momentum_dtype=bfloat16"),
     "slimadam-bf16-stochastic": ("slimadam", "momentum_dtype=bfloat16,momentum_rounding=stochastic"),
     "slimadam-int8": ("slimadam", "momentum_dtype=int8"),
+    "slimadam-robust": ("slimadam", "robust=true"),
 }
 
 MODELS = {

@@ -10,7 +10,7 @@ loss-vs-LR curve, several seeds. Optimizers:
 * ``SlimAdam bf16 m``: the same with ``momentum_dtype=torch.bfloat16`` (rounded to nearest);
 * ``SlimAdam bf16 m stochastic``: ``momentum_dtype="bfloat16", momentum_rounding="stochastic"``;
 * ``SlimAdam int8 m``: ``momentum_dtype="int8"`` (block-quantized first moment);
-* ``SlimAdam robust``: ``robust=True`` (each update coordinate clamped to 1);
+* ``SlimAdam robust``: ``robust=True`` (factored second moment: the rule's mean times the other dims' mean);
 * ``SlimAdam SNR``: rules derived by :mod:`slimadam_hf.snr.recorder` / :mod:`slimadam_hf.snr.rules`
   from an AdamW proxy run at a 10x lower LR (the paper's recipe), pooled by role;
 * ``Adalayer``: SlimAdamW with every >= 2-D tensor averaged over all its dims (one v per tensor);
@@ -119,6 +119,14 @@ def build_lm(arch: str, vocab: int, width: int, layers: int, seq: int, seed: int
             vocab_size=vocab, n_positions=seq, n_embd=width, n_layer=layers, n_head=4,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
+    elif arch == "bert":  # masked LM; one extra token id, vocab, is [MASK]
+        config = transformers.BertConfig(
+            vocab_size=vocab + 1, hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=4 * width, max_position_embeddings=seq, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        torch.manual_seed(seed)
+        return transformers.BertForMaskedLM(config)
     else:
         config = transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=width, intermediate_size=int(width * 8 / 3) // 8 * 8,
@@ -127,6 +135,17 @@ def build_lm(arch: str, vocab: int, width: int, layers: int, seq: int, seed: int
         )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config)
+
+
+MASK_FRACTION = 0.15
+
+
+def lm_inputs(model: nn.Module, x: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Causal LMs predict every next token; BERT predicts 15% of the tokens, replaced by [MASK] (id vocab)."""
+    if model.config.model_type != "bert":
+        return dict(input_ids=x, labels=x)
+    masked = torch.rand(x.shape, generator=gen) < MASK_FRACTION
+    return dict(input_ids=x.masked_fill(masked, model.config.vocab_size - 1), labels=x.masked_fill(~masked, -100))
 
 
 def build_vit(seed: int) -> nn.Module:
@@ -256,7 +275,8 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 @torch.no_grad()
 def eval_lm(model: nn.Module, val: list[torch.Tensor]) -> float:
     model.eval()
-    losses = [model(input_ids=x, labels=x).loss.item() for x in val]
+    gen = torch.Generator().manual_seed(54321)  # the same masks at every evaluation
+    losses = [model(**lm_inputs(model, x, gen)).loss.item() for x in val]
     model.train()
     return statistics.fmean(losses)
 
@@ -274,12 +294,12 @@ def train_lm(
 
         recorder = SNRRecorder(model, recorder_path, SNRSchedule(every=max(1, cfg.steps // 10), first=1))
     batches = Batches(data["train"], cfg.batch, cfg.seq, seed)
+    masks = torch.Generator().manual_seed(seed)
     curve, train_losses = [], []
     diverged = False
     for step in range(cfg.steps):
         set_lr(opt, lr_at(step, cfg.steps, lr))
-        x = batches.next()
-        loss = model(input_ids=x, labels=x).loss
+        loss = model(**lm_inputs(model, batches.next(), masks)).loss
         if not torch.isfinite(loss):
             diverged = True
             break
@@ -447,7 +467,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_quality_out")
     parser.add_argument("--corpus", default="fortunes")
-    parser.add_argument("--archs", nargs="+", default=["gpt2", "llama"])
+    parser.add_argument("--archs", nargs="*", default=["gpt2", "llama"], choices=["gpt2", "llama", "bert"],
+                        help="language models to train (none: only the ViT)")
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--optimizers", nargs="+", default=ALL_OPTIMIZERS)

@@ -70,6 +70,13 @@ def test_fsdp2_with_bfloat16_momentum(results):
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
 
 
+def test_fsdp2_refuses_robust_and_int8_momentum_with_one_line(results):
+    r = _result(results, "fsdp2_refusals")
+    assert r["robust"].startswith("SlimAdamW: robust=True is not supported under FSDP2 / DTensor yet")
+    assert r["int8"].startswith("SlimAdamW: momentum_dtype='int8' is not supported on DTensor (FSDP2")
+    assert all("\n" not in message for message in r.values())
+
+
 def test_fsdp2_optimizer_built_before_fully_shard(results):
     r = _result(results, "fsdp2_accelerate_order")
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12

@@ -121,6 +121,8 @@ def test_refused_settings_give_one_line_errors(results):
     )
     assert "resume a ZeRO checkpoint with the same world size" in r["other_rank_state"]
     assert r["auto_snr"].startswith("auto-snr cannot probe under DeepSpeed ZeRO")
+    assert r["robust"].startswith("SlimAdamW: robust=True is not supported under DeepSpeed ZeRO yet")
+    assert r["int8"].startswith("SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions")
 
 
 # -- Trainer --------------------------------------------------------------------------------------

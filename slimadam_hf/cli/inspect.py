@@ -79,8 +79,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         dtype = getattr(torch, dtype)
     model.to(dtype)
     plan = plan_compression(model, args.preset, args.overrides)
-    if args.momentum_dtype:
-        plan = dataclasses.replace(plan, momentum_dtype=args.momentum_dtype)
+    plan = dataclasses.replace(plan, momentum_dtype=args.momentum_dtype or None, robust=args.robust)
     print(plan.render(width=args.width, collapse_layers=not args.all_layers), end="")
     if args.json:
         print(f"plan written to {plan.save_json(args.json)}")

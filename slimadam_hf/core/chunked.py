@@ -1,14 +1,16 @@
 """Updates done a chunk of rows at a time, so their float32 workspace stays a few MiB: an int8 first
-moment (dequantized, updated, requantized per chunk) and the ``robust`` clamp of each update coordinate."""
+moment (dequantized, updated, requantized per chunk) and the factored denominator of ``robust=True``."""
 
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from .compress_spec import Segment
+from .factored import complement_segments, factors
 from .quant import BLOCK, QuantizedMomentum
 from .reductions import mean_of_squares
 
@@ -44,25 +46,25 @@ def quantized_update(
     step_t: Tensor,
     segs: Sequence[Segment],
     stats: Optional[Sequence[Tensor]],
+    complement: Optional[Tensor],
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    update_clip: Optional[float] = None,
 ) -> None:
     """One parameter with an int8 first moment: the statistics and ``v`` first (they need only ``g``), then
     the elementwise update chunk by chunk, each chunk's moment dequantized, updated, stored and used."""
     step_t += 1
     step = step_t.item()
-    bound = None if update_clip is None else update_clip * (1 - beta1**step)
     neg_step_size = -lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    denominators = []
-    for k, seg in enumerate(segs):
+    denominators: list[tuple[Tensor, ...]] = []  # (denominator,) or the factors (a, b) of a factored one
+    comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
+    for k, (seg, comp) in enumerate(zip(segs, comps)):
         v = seg.second_moment_view(exp_avg_sq)
         g = seg.view(grad)
         if stats is not None:
@@ -72,7 +74,12 @@ def quantized_update(
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         else:
             v.mul_(beta2).add_(mean_of_squares(g, seg.dims, v), alpha=1 - beta2)
-        denominators.append((seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps))
+        if comp is None:
+            denominators.append(((seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps),))
+            continue
+        w = comp.second_moment_view(complement)
+        w.mul_(beta2).add_(mean_of_squares(g, comp.dims, w), alpha=1 - beta2)
+        denominators.append(factors(v, w, bias_correction2_sqrt))
     row_numel = param.numel() // max(param.shape[0], 1) if param.dim() else 0
     for first, count in row_chunks(param):
         p_rows = param.narrow(0, first, count) if param.dim() else param
@@ -93,20 +100,18 @@ def quantized_update(
                 d_first = p_first - seg.offset
             else:
                 p_view, m_view, d_first = seg.view(p_rows), seg.view(m_rows), p_first
-            d = denom.narrow(0, d_first, rows) if denom.dim() and denom.shape[0] > 1 else denom
-            if bound is None:
-                p_view.addcdiv_(m_view, d, value=neg_step_size)
-            else:
-                clamped_update_(p_view, m_view, d, neg_step_size, bound)
+            d = [x.narrow(0, d_first, rows) if x.dim() and x.shape[0] > 1 else x for x in denom]
+            p_view.addcdiv_(m_view, d[0] if len(d) == 1 else (d[0] * d[1]).add_(eps), value=neg_step_size)
 
 
-def clamped_update_(p: Tensor, m: Tensor, denom: Tensor, neg_step_size: float, bound: float) -> None:
-    """``p += neg_step_size * clamp(m / denom, -bound, bound)``, a chunk of rows at a time (bounded workspace)."""
+def factored_update_(p: Tensor, m: Tensor, a: Tensor, b: Tensor, eps: float, neg_step_size: float) -> None:
+    """``p += neg_step_size * m / (a * b + eps)`` with ``a``, ``b`` broadcasting to ``p``, a chunk of rows at a
+    time (the full-size denominator never exists)."""
     rows = p.shape[0] if p.dim() else 1
     per_row = max(1, p.numel() // max(rows, 1))
     step = max(1, _CHUNK_ELEMS // per_row)
     for first in range(0, rows, step):
         count = min(step, rows - first)
         pick = (lambda t: t.narrow(0, first, count) if t.dim() and t.shape[0] == rows and rows > 1 else t)
-        update = (pick(m).to(denom.dtype) / pick(denom)).clamp_(-bound, bound)
-        pick(p).add_(update.to(p.dtype), alpha=neg_step_size)
+        denom = torch.mul(pick(a), pick(b)).add_(eps)
+        pick(p).addcdiv_(pick(m), denom, value=neg_step_size)

@@ -17,7 +17,6 @@ moment's dtype (float32; float64 for float64 parameters); results agree with it 
 
 from __future__ import annotations
 
-import math
 import time
 import types
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from . import quant
 from .compress_spec import Segment
+from .factored import complement_segments
 from .quant import QuantizedMomentum
 from .rounding import lerp_low_precision_, noise_key
 
@@ -72,10 +72,11 @@ def _update(
     scalars: Tensor,
     stats: Optional[tuple[Tensor, ...]],
     update_momentum: bool,
-    clip: bool,
+    complement: Optional[Tensor],
+    comps: tuple[Optional[Segment], ...],
 ) -> None:
     # 1 - beta2 comes in computed in float64: formed from a float32 beta2 it would lose 4 digits
-    decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps, bound = scalars.unbind()
+    decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps = scalars.unbind()
     dtype = exp_avg_sq.dtype  # float32, or float64 for float64 parameters
     g = grad.to(dtype)
     # the stored (low-precision or int8) momentum drives the update
@@ -104,13 +105,19 @@ def _update(
         v_new = v * beta2 + sq * one_minus_beta2
         v.copy_(v_new)
         v_den = seg.denominator_view(v_new)
-        if v_den.shape == ps.shape:
+        comp = comps[k]
+        if comp is not None:  # robust: the factored second moment (slimadam_hf.core.factored)
+            w = comp.second_moment_view(complement)
+            w_new = w * beta2 + (gs * gs).mean(dim=comp.dims, keepdim=True) * one_minus_beta2
+            w.copy_(w_new)
+            b = (w_new / v_new.mean().clamp_min(torch.finfo(dtype).tiny)).sqrt()
+            denom = v_new.sqrt() / bias_correction2_sqrt * b + eps
+            seg.view(param).copy_(ps + neg_step_size * ms / denom)
+        elif v_den.shape == ps.shape:
             denom = v_den.sqrt() / bias_correction2_sqrt + eps
-            step = neg_step_size * ms / denom
-            seg.view(param).copy_(ps + (step.clamp(-bound, bound) if clip else step))
+            seg.view(param).copy_(ps + neg_step_size * ms / denom)
         else:
-            step = ms * _step_over_denominator(v_den, scalars)
-            seg.view(param).copy_(ps + (step.clamp(-bound, bound) if clip else step))
+            seg.view(param).copy_(ps + ms * _step_over_denominator(v_den, scalars))
 
 
 def _compiled(key: tuple) -> Callable[..., None]:
@@ -147,21 +154,22 @@ def compiled_slimadamw(
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
     noise: Sequence[Optional[int]],
+    complements: Sequence[Optional[Tensor]],
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    update_clip: Optional[float] = None,
 ) -> None:
     """Same contract as :func:`slimadam_hf.core.functional.slimadamw`, one compiled call per parameter."""
     torch._foreach_add_(list(state_steps), 1)
     decay = 1 - lr * weight_decay
     scalar_tensors: dict[tuple, Tensor] = {}
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
-        for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base in zip(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
+        for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base, complement in zip(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise,
+            complements,
         ):
             step = step_t.item()
             key = noise_key(base, step, exp_avg)
@@ -177,18 +185,16 @@ def compiled_slimadamw(
                 None if stats is None else tuple(map(_signature, stats)),
                 None if absmax is None else _signature(absmax),
                 stochastic,
-                update_clip is not None,
+                None if complement is None else _signature(complement),
             )
-            # bound: the largest step a coordinate may take under update_clip (lr * clip), inf without it
-            bound = math.inf if update_clip is None else lr * update_clip
-            values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, bound)
+            values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps)
             scalars = scalar_tensors.get((values, param.device, exp_avg_sq.dtype))
             if scalars is None:
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)
                 scalar_tensors[(values, param.device, exp_avg_sq.dtype)] = scalars
+            comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
             args: tuple[Any, ...] = (
-                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic,
-                update_clip is not None,
+                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic, complement, comps,
             )
             fn = _compiled(key)
             if key in _SEEN:

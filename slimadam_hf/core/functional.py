@@ -13,6 +13,9 @@ then updated in float32 and stored back (bfloat16: rounded to nearest or stochas
 :mod:`slimadam_hf.core.rounding`; int8: block-quantized, see :mod:`slimadam_hf.core.quant`), and the
 stored value drives the update.
 
+``exp_avg_sq_complements`` (``robust=True``): per parameter ``None`` or its ``exp_avg_sq_complement``; the
+compressed segments of a parameter that has one use a factored second moment (:mod:`slimadam_hf.core.factored`).
+
 ``second_moment_stats`` hands in ``mean(g_s ** 2)`` per segment instead of computing it from the
 gradient (an entry may be ``None``: that segment computes it from the gradient): the sharded (DTensor)
 and flat-partition (DeepSpeed ZeRO) steps reduce their statistics across ranks and then run this same
@@ -40,7 +43,8 @@ from torch import Tensor
 
 from .compress_spec import Segment
 from .options import IMPLEMENTATIONS
-from .chunked import clamped_update_, quantized_update
+from .chunked import factored_update_, quantized_update
+from .factored import complement_segments, factors
 from .quant import QuantizedMomentum
 from .reductions import mean_of_squares
 from .rounding import lerp_low_precision_, noise_bases, noise_key
@@ -60,11 +64,13 @@ class UpdateBatch:
     steps: list[Tensor] = field(default_factory=list)
     segments: list[tuple[Segment, ...]] = field(default_factory=list)
     stats: list[Optional[list[Optional[Tensor]]]] = field(default_factory=list)
+    complements: list[Optional[Tensor]] = field(default_factory=list)
 
-    def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None) -> None:  # noqa: ANN001
+    def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None, complement=None) -> None:  # noqa: ANN001
         for seq, value in zip(
-            (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.segments, self.stats),
-            (param, grad, exp_avg, exp_avg_sq, step, segs, stats),
+            (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.segments, self.stats,
+             self.complements),
+            (param, grad, exp_avg, exp_avg_sq, step, segs, stats, complement),
         ):
             seq.append(value)
 
@@ -85,14 +91,13 @@ def slimadamw(
     implementation: str = "foreach",
     second_moment_stats: Stats = None,
     rounding_seed: Optional[int] = None,
-    update_clip: Optional[float] = None,
+    exp_avg_sq_complements: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> None:
     """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc).
 
     ``rounding_seed``: round a bfloat16 first moment stochastically, with noise keyed by this seed, the
     parameter's position in these lists and its step (:mod:`slimadam_hf.core.rounding`); ``None``: to nearest.
-    ``update_clip``: clamp every coordinate of the update ``m_hat / (sqrt(v_hat) + eps)`` to this magnitude
-    (``SlimAdamConfig(robust=True)``); ``None``: the paper's update.
+    ``exp_avg_sq_complements``: factored second moments where an entry is a tensor (``robust=True``).
     """
     if implementation == "compiled":
         from .compiled import compiled_slimadamw
@@ -105,10 +110,11 @@ def slimadamw(
     else:
         raise ValueError(f"implementation={implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     stats = second_moment_stats if second_moment_stats is not None else [None] * len(params)
+    complements = exp_avg_sq_complements if exp_avg_sq_complements is not None else [None] * len(params)
     impl(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, stats,
-        noise_bases(rounding_seed, len(params)),
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, update_clip=update_clip,
+        noise_bases(rounding_seed, len(params)), complements,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )
 
 
@@ -121,16 +127,16 @@ def _single_tensor_slimadamw(
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
     noise: Sequence[Optional[int]],
+    complements: Sequence[Optional[Tensor]],
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    update_clip: Optional[float] = None,
 ) -> None:
-    for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
+    for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base, complement in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise, complements
     ):
         step_t += 1
         step = step_t.item()
@@ -146,25 +152,26 @@ def _single_tensor_slimadamw(
 
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        for k, seg in enumerate(segs):
+        comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
+        for k, (seg, comp) in enumerate(zip(segs, comps)):
             v = seg.second_moment_view(exp_avg_sq)
             stat = None if stats is None else stats[k]
+            g = seg.view(grad).to(v.dtype)
             if seg.shares_v:
                 pass  # updated by an earlier segment of this step
             elif stat is not None:
                 v.mul_(beta2).add_(stat, alpha=1 - beta2)
+            elif seg.dims is None:
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             else:
-                g = seg.view(grad).to(v.dtype)
-                if seg.dims is None:
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                else:
-                    v.mul_(beta2).add_((g * g).mean(dim=seg.dims, keepdim=True), alpha=1 - beta2)
-            denom = (seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps)
-            if update_clip is None:
-                seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
-            else:
-                update = (seg.view(exp_avg).to(denom.dtype) / (1 - beta1**step) / denom).clamp_(-update_clip, update_clip)
-                seg.view(param).add_(update.to(param.dtype), alpha=-lr)
+                v.mul_(beta2).add_((g * g).mean(dim=seg.dims, keepdim=True), alpha=1 - beta2)
+            v_hat = seg.denominator_view(v)
+            if comp is not None:  # the factored estimate, full size: this is the oracle
+                w = comp.second_moment_view(complement)
+                w.mul_(beta2).add_((g * g).mean(dim=comp.dims, keepdim=True), alpha=1 - beta2)
+                v_hat = v * w / v.mean().clamp_min(torch.finfo(v.dtype).tiny)
+            denom = (v_hat.sqrt() / bias_correction2_sqrt).add_(eps)
+            seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
 
 
 def lerp_momentum_(exp_avgs: list[Tensor], grads: list[Tensor], weight: float, keys: list[Optional[int]]) -> None:
@@ -188,29 +195,30 @@ def _multi_tensor_slimadamw(
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
     noise: Sequence[Optional[int]],
+    complements: Sequence[Optional[Tensor]],
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    update_clip: Optional[float] = None,
 ) -> None:
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         if isinstance(m, QuantizedMomentum):
             quantized_update(
                 p, grads[i], m, exp_avg_sqs[i], state_steps[i], param_segments[i], second_moment_stats[i],
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, update_clip=update_clip,
+                complements[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             )
             continue
         buckets[(p.device, p.dtype, m.dtype)].append(i)
     for indices in buckets.values():
         _multi_tensor_bucket(
             *([seq[i] for i in indices] for seq in (
-                params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise
+                params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise,
+                complements,
             )),
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, update_clip=update_clip,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         )
 
 
@@ -223,69 +231,67 @@ def _multi_tensor_bucket(
     param_segments: list[Sequence[Segment]],
     second_moment_stats: list[Optional[Sequence[Tensor]]],
     noise: list[Optional[int]],
+    complements: list[Optional[Tensor]],
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    update_clip: Optional[float] = None,
 ) -> None:
-    """One device/dtype bucket: whole-tensor ops batched, then full and reduced segments batched."""
+    """One device/dtype bucket: whole-tensor ops batched, every second moment updated, then the updates."""
     torch._foreach_add_(state_steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     keys = [noise_key(base, step_t.item(), m) for base, step_t, m in zip(noise, state_steps, exp_avgs)]
     lerp_momentum_(exp_avgs, grads, 1 - beta1, keys)
 
-    full: dict[str, list] = defaultdict(list)  # v updated from g * g, elementwise
-    reduced: dict[str, list] = defaultdict(list)  # v updated from a mean of g * g (and segments sharing a v)
-    for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats
+    full_v, full_g = [], []  # v <- beta2 * v + (1 - beta2) * g * g
+    mean_v, mean_x = [], []  # v <- beta2 * v + (1 - beta2) * x, x a mean of g * g (or handed in)
+    plain: dict[str, list] = defaultdict(list)  # p <- p + step * m / (sqrt(v) / bc2_sqrt + eps), batched
+    factored = []  # (p, m, v, w, step, bc2_sqrt): the denominator from two small moments, chunked
+    for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, complement in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, complements
     ):
         step = step_t.item()
         neg_step_size = -lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        for k, seg in enumerate(segs):
+        comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
+        for k, (seg, comp) in enumerate(zip(segs, comps)):
             v = seg.second_moment_view(exp_avg_sq)
             stat = None if stats is None else stats[k]
-            if seg.shares_v:  # applied after every v update, its own v's included
-                bucket = reduced
+            if seg.shares_v:
+                pass  # its v is updated by an earlier segment; every update is applied after all of them
             elif stat is None and seg.dims is None:
-                bucket = full
-                bucket["x"].append(seg.view(grad))
-                bucket["v"].append(v)
+                full_v.append(v)
+                full_g.append(seg.view(grad))
             else:
-                bucket = reduced
-                bucket["x"].append(stat if stat is not None else mean_of_squares(seg.view(grad), seg.dims, v))
-                bucket["v"].append(v)
-            bucket["p"].append(seg.view(param))
-            bucket["m"].append(seg.view(exp_avg))
-            bucket["v_den"].append(seg.denominator_view(v))
-            bucket["neg_step_size"].append(neg_step_size)
-            bucket["bc2_sqrt"].append(bias_correction2_sqrt)
-            bucket["bc1"].append(1 - beta1**step)
+                mean_v.append(v)
+                mean_x.append(stat if stat is not None else mean_of_squares(seg.view(grad), seg.dims, v))
+            if comp is not None:
+                w = comp.second_moment_view(complement)
+                mean_v.append(w)
+                mean_x.append(mean_of_squares(seg.view(grad), comp.dims, w))
+                factored.append((seg.view(param), seg.view(exp_avg), v, w, neg_step_size, bias_correction2_sqrt))
+                continue
+            plain["p"].append(seg.view(param))
+            plain["m"].append(seg.view(exp_avg))
+            plain["v_den"].append(seg.denominator_view(v))
+            plain["neg_step_size"].append(neg_step_size)
+            plain["bc2_sqrt"].append(bias_correction2_sqrt)
 
-    if full:
-        v_dtype = full["v"][0].dtype
-        g = full["x"] if full["x"][0].dtype == v_dtype else [t.to(v_dtype) for t in full["x"]]
-        torch._foreach_mul_(full["v"], beta2)
-        torch._foreach_addcmul_(full["v"], g, g, 1 - beta2)
-        _apply_update(full, eps, update_clip)
-    if reduced:
-        if reduced["v"]:
-            torch._foreach_mul_(reduced["v"], beta2)
-            torch._foreach_add_(reduced["v"], reduced["x"], alpha=1 - beta2)
-        _apply_update(reduced, eps, update_clip)
-
-
-def _apply_update(bucket: dict[str, list], eps: float, update_clip: Optional[float]) -> None:
-    denoms = torch._foreach_sqrt(bucket["v_den"])
-    torch._foreach_div_(denoms, bucket["bc2_sqrt"])
-    torch._foreach_add_(denoms, eps)
-    if update_clip is not None:
-        for p, m, d, step, bc1 in zip(bucket["p"], bucket["m"], denoms, bucket["neg_step_size"], bucket["bc1"]):
-            clamped_update_(p, m, d, step, update_clip * bc1)
-        return
-    denoms = [d.expand_as(p) for d, p in zip(denoms, bucket["p"])]
-    torch._foreach_addcdiv_(bucket["p"], bucket["m"], denoms, bucket["neg_step_size"])
+    if full_v:
+        g = full_g if full_g[0].dtype == full_v[0].dtype else [t.to(full_v[0].dtype) for t in full_g]
+        torch._foreach_mul_(full_v, beta2)
+        torch._foreach_addcmul_(full_v, g, g, 1 - beta2)
+    if mean_v:
+        torch._foreach_mul_(mean_v, beta2)
+        torch._foreach_add_(mean_v, mean_x, alpha=1 - beta2)
+    if plain:
+        denoms = torch._foreach_sqrt(plain["v_den"])
+        torch._foreach_div_(denoms, plain["bc2_sqrt"])
+        torch._foreach_add_(denoms, eps)
+        denoms = [d.expand_as(p) for d, p in zip(denoms, plain["p"])]
+        torch._foreach_addcdiv_(plain["p"], plain["m"], denoms, plain["neg_step_size"])
+    for p, m, v, w, neg_step_size, bias_correction2_sqrt in factored:
+        factored_update_(p, m, *factors(v, w, bias_correction2_sqrt), eps, neg_step_size)

@@ -129,8 +129,9 @@ class SlimAdamConfig:
         "nearest", "how a bfloat16 first moment is rounded: nearest, or stochastic (unbiased, reproducible "
         "under a fixed seed)", "choice", choices=ROUNDINGS)
     robust: bool = _option(
-        False, "clamp each coordinate's update m_hat/(sqrt(v_hat)+eps) to 1, which AdamW's rarely reaches and a "
-        "compressed second moment's can pass; off = the paper's algorithm", "bool")
+        False, "factored second moment: compressed weights also keep the mean of g**2 over the other dims and use "
+        "v_rule*v_other/mean(v_rule) (a row and a column scale); holds AdamW's loss at high learning rates for "
+        "one extra entry per row/column; off = the paper's algorithm", "bool")
     foreach: Optional[bool] = _option(
         None, "legacy switch: false = implementation=reference", "bool")
     probe_steps: Optional[int] = _option(

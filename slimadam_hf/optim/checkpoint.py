@@ -5,6 +5,9 @@
 * First moments follow the live ``momentum_dtype``: float values are cast, int8 codes are dequantized for a
   float live optimizer, and a float moment is quantized for an int8 live optimizer. int8 codes whose block
   layout does not fit the parameter cannot be converted and are refused.
+* ``robust`` is the live optimizer's too: a saved ``exp_avg_sq_complement`` is kept (shape checked) or, for
+  a live ``robust=False``, dropped; one a checkpoint lacks is made from its second moment
+  (:func:`~slimadam_hf.core.factored.complement_from_full` for AdamW's, each segment's mean otherwise).
 * ``implementation``, ``momentum_dtype`` and ``foreach`` stay the live optimizer's.
 """
 
@@ -16,8 +19,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..core import quant
-from ..core.compress_spec import compress_second_moment, normalize_spec, second_moment_dtype, second_moment_shape
+from ..core import factored, quant
+from ..core.compress_spec import (
+    cached_segments,
+    compress_second_moment,
+    normalize_spec,
+    second_moment_dtype,
+    second_moment_shape,
+)
 from ..core.options import check_momentum_dtype, momentum_dtype_for
 
 logger = logging.getLogger(__name__)
@@ -26,9 +35,31 @@ logger = logging.getLogger(__name__)
 LIVE_OPTIONS = ("implementation", "momentum_dtype", "momentum_rounding", "robust", "foreach")
 
 
-def _second_moments(optimizer: Any, saved_groups: list, state: dict) -> dict[Any, Tensor]:
-    """Saved second moments by state key, checked against (or converted to) the live plan."""
+def _complement(saved: Optional[Tensor], full: Optional[Tensor], v: Tensor, p: Tensor, spec: Any,
+                name: str) -> Optional[Tensor]:
+    """The live ``exp_avg_sq_complement`` of a robust optimizer from what the checkpoint holds."""
+    segs = cached_segments(spec, p.shape, name)
+    expected = factored.complement_shape(segs, p.shape)
+    if saved is not None:
+        if expected is None or tuple(saved.shape) != tuple(expected):
+            raise ValueError(
+                f"checkpoint {factored.STATE_KEY} of parameter {name!r} has shape {list(saved.shape)}, expected "
+                f"{None if expected is None else list(expected)} for compress spec {spec!r}; it was saved for "
+                "another plan: start the optimizer fresh"
+            )
+        return saved
+    if full is not None:
+        return factored.complement_from_full(full.to(second_moment_dtype(full.dtype)), segs)
+    return factored.complement_from_compressed(v, segs, p.shape)
+
+
+def _second_moments(
+    optimizer: Any, saved_groups: list, state: dict
+) -> tuple[dict[Any, Tensor], dict[Any, Tensor]]:
+    """Saved second moments (and robust complements) by state key, checked against (or converted to) the
+    live plan."""
     moments: dict[Any, Tensor] = {}
+    complements: dict[Any, Tensor] = {}
     converted = 0
     for live, saved in zip(optimizer.param_groups, saved_groups):
         live_specs = optimizer._group_specs(live)
@@ -43,8 +74,10 @@ def _second_moments(optimizer: Any, saved_groups: list, state: dict) -> dict[Any
             live_spec = normalize_spec(live_specs[i], name)
             saved_spec = normalize_spec(saved_specs[i], name)
             v = state.get(key, {}).pop("exp_avg_sq", None)
+            saved_complement = state.get(key, {}).pop(factored.STATE_KEY, None)
             if v is None:
                 continue
+            full = None
             if live_spec != saved_spec:
                 if not (from_adamw and tuple(v.shape) == tuple(p.shape)):
                     raise ValueError(
@@ -52,7 +85,7 @@ def _second_moments(optimizer: Any, saved_groups: list, state: dict) -> dict[Any
                         f"saved compress spec {saved_spec!r}, live spec {live_spec!r}. Load it with "
                         "the preset/overrides it was trained with, or start the optimizer fresh."
                     )
-                v = compress_second_moment(v, live_spec, name)
+                full, v = v, compress_second_moment(v, live_spec, name)
                 converted += 1
             expected = second_moment_shape(live_spec, p.shape, name)
             if tuple(v.shape) != tuple(expected):
@@ -61,9 +94,13 @@ def _second_moments(optimizer: Any, saved_groups: list, state: dict) -> dict[Any
                     f"expected {list(expected)} for compress spec {live_spec!r}"
                 )
             moments[key] = v
+            if live["robust"]:
+                complement = _complement(saved_complement, full, v, p, live_spec, name)
+                if complement is not None:
+                    complements[key] = complement
     if converted:
         logger.info("SlimAdamW: converted %d full AdamW second moments by averaging over the plan's dims", converted)
-    return moments
+    return moments, complements
 
 
 def _first_moment(saved: Tensor, absmax: Optional[Tensor], param: Tensor, live_dtype: Optional[str],
@@ -103,7 +140,7 @@ def load_into(optimizer: Any, state_dict: dict[str, Any], load: Callable[[dict[s
             f"{len(optimizer.param_groups)}"
         )
     state = {k: dict(v) for k, v in state_dict["state"].items()}
-    second_moments = _second_moments(optimizer, saved_groups, state)
+    second_moments, complements = _second_moments(optimizer, saved_groups, state)
     # torch casts floating state to the parameter dtype: set the first moments aside and convert them after.
     first_moments: dict[Any, tuple[Tensor, Optional[Tensor]]] = {}
     live_of: dict[Any, tuple[dict[str, Any], Tensor, str]] = {}
@@ -126,6 +163,9 @@ def load_into(optimizer: Any, state_dict: dict[str, Any], load: Callable[[dict[s
     for key, v in second_moments.items():
         _, p, _ = live_of[key]
         optimizer.state[p]["exp_avg_sq"] = v.to(dtype=second_moment_dtype(p.dtype), device=p.device)
+    for key, w in complements.items():
+        _, p, _ = live_of[key]
+        optimizer.state[p][factored.STATE_KEY] = w.to(dtype=second_moment_dtype(p.dtype), device=p.device)
     for key, (m, absmax) in first_moments.items():
         live, p, name = live_of[key]
         optimizer.state[p].update(_first_moment(m, absmax, p, live["momentum_dtype"], name))

@@ -19,7 +19,7 @@ from ..core.compress_spec import (
     segments,
 )
 from ..core.functional import UpdateBatch, slimadamw
-from ..core import quant
+from ..core import factored, quant
 from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
 from ..distributed import dtensor, zero
 from ..distributed.guards import (
@@ -33,12 +33,17 @@ from ..distributed.guards import (
 logger = logging.getLogger(__name__)
 
 
-ROBUST_UPDATE_CLIP = 1.0
-"""The largest per-coordinate update ``robust=True`` allows (AdamW's update rarely exceeds it)."""
+def _refuse_robust(group: dict[str, Any], where: str) -> None:
+    if group["robust"]:
+        raise UnsupportedShardingError(
+            f"SlimAdamW: robust=True is not supported under {where} yet (its factored second moment needs "
+            "whole weights); use robust=False there, or robust=True with DDP / one process"
+        )
 
 
 def _flat_momentum_dtype(group: dict[str, Any], flat: Tensor) -> torch.dtype:
     """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused)."""
+    _refuse_robust(group, "DeepSpeed ZeRO")
     if group["momentum_dtype"] == "int8":
         raise UnsupportedShardingError(
             "SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions yet; use "
@@ -97,14 +102,17 @@ class SlimAdamW(Optimizer):
             rounded) or ``"int8"`` (block-quantized codes and scales, :mod:`slimadam_hf.core.quant`).
         momentum_rounding: ``"nearest"`` or ``"stochastic"`` (unbiased rounding of a bfloat16 first moment,
             reproducible under a fixed seed; :mod:`slimadam_hf.core.rounding`).
-        robust: clamp every coordinate of the update ``m_hat / (sqrt(v_hat) + eps)`` to
-            :data:`ROBUST_UPDATE_CLIP`. A compressed ``v`` is a mean over rows or columns, so a coordinate
-            whose gradient is far above that mean takes a step AdamW would not; the clamp caps it. No state;
-            ``False`` is the paper's algorithm.
+        robust: a factored second moment for compressed weights (:mod:`slimadam_hf.core.factored`): each
+            also keeps the mean of ``g**2`` over the dims its rule keeps, and the denominator uses
+            ``v_rule * v_complement / mean(v_rule)``, so a weight keeps a row and a column scale. It holds
+            AdamW's loss at high learning rates where the paper's update falls behind; it costs one entry
+            per row plus one per column (``exp_avg_sq_complement``). ``False`` is the paper's algorithm.
+            Single process and DDP only (refused under FSDP2 and DeepSpeed ZeRO).
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
     State per parameter: ``step``, ``exp_avg`` (parameter shape; parameter dtype or ``momentum_dtype``) and ``exp_avg_sq``
-    (compressed; float32, or float64 for float64 parameters), created lazily on the first ``step()``.
+    (compressed; float32, or float64 for float64 parameters), with ``robust`` also ``exp_avg_sq_complement``,
+    created lazily on the first ``step()``.
     """
 
     def __init__(
@@ -200,6 +208,9 @@ class SlimAdamW(Optimizer):
             state["exp_avg_sq"] = torch.zeros(
                 second_moment_shape(spec, p.shape, name), dtype=second_moment_dtype(p.dtype), device=p.device
             )
+            shape = factored.complement_shape(cached_segments(spec, p.shape, name), p.shape) if group["robust"] else None
+            if shape is not None:
+                state[factored.STATE_KEY] = torch.zeros(shape, dtype=second_moment_dtype(p.dtype), device=p.device)
         return state
 
     def _batch(self, group: dict[str, Any], sharded: bool) -> tuple[UpdateBatch, list[dtensor.LocalInputs]]:
@@ -215,6 +226,7 @@ class SlimAdamW(Optimizer):
                     "use dense gradients, e.g. nn.Embedding(sparse=False)"
                 )
             if sharded and is_dtensor(p):
+                _refuse_robust(group, "FSDP2 / DTensor")
                 local = dtensor.local_inputs(
                     self, self.state[p], p, spec, name, momentum_dtype_for(group["momentum_dtype"], p)
                 )
@@ -224,7 +236,7 @@ class SlimAdamW(Optimizer):
                 continue
             state = self._init_state(p, spec, name, group)
             batch.add(p, p.grad, _first_moment(state, p), state["exp_avg_sq"], state["step"],
-                      cached_segments(spec, p.shape, name))
+                      cached_segments(spec, p.shape, name), complement=state.get(factored.STATE_KEY))
         return batch, shards
 
     @torch.no_grad()
@@ -263,7 +275,7 @@ class SlimAdamW(Optimizer):
                 batch.segments,
                 second_moment_stats=batch.stats,
                 rounding_seed=group["rounding_seed"] if group["momentum_rounding"] == "stochastic" else None,
-                update_clip=ROBUST_UPDATE_CLIP if group["robust"] else None,
+                exp_avg_sq_complements=batch.complements,
                 # compiled kernels are per weight; a flat partition runs the eager batched update
                 implementation="foreach" if flat is not None and _implementation(group) == "compiled"
                 else _implementation(group),

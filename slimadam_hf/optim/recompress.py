@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping
 
-from ..core.compress_spec import CompressSpec, compress_second_moment, normalize_spec, segments
+from ..core import factored
+from ..core.compress_spec import CompressSpec, cached_segments, compress_second_moment, normalize_spec, segments
 from ..distributed import zero
 from ..distributed.guards import UnsupportedShardingError
 from .optimizer import SlimAdamW, unwrap_optimizer
@@ -23,8 +24,9 @@ def compress_in_place(optimizer: Any, specs_by_name: Mapping[str, CompressSpec])
 
     Each parameter named in ``specs_by_name`` with a non-``None`` spec must be uncompressed (its group
     has no spec for it); its ``exp_avg_sq`` (if the parameter has state) is replaced by its mean over
-    the spec's dims (:func:`~slimadam_hf.core.compress_spec.compress_second_moment`) and the old tensor is
-    dropped. The groups' ``compress`` lists are updated (plain Python types; the key is left out when
+    the spec's dims (:func:`~slimadam_hf.core.compress_spec.compress_second_moment`; with ``robust`` also
+    the mean over the other dims, :func:`~slimadam_hf.core.factored.complement_from_full`) and the old tensor
+    is dropped. The groups' ``compress`` lists are updated (plain Python types; the key is left out when
     nothing in a group is compressed). The next steps are exactly those of a SlimAdamW built with these
     specs from the start whose state was averaged at this point. Everything is checked before anything
     changes. Groups must carry ``param_names`` (build the optimizer from ``(name, tensor)`` pairs).
@@ -89,6 +91,11 @@ def compress_in_place(optimizer: Any, specs_by_name: Mapping[str, CompressSpec])
             old = state.pop("exp_avg_sq")
             state["exp_avg_sq"] = compress_second_moment(old, spec, name)
             freed += old.numel() * old.element_size() - state["exp_avg_sq"].numel() * state["exp_avg_sq"].element_size()
+            if group["robust"]:  # the factored second moment's other mean, from the same full moment
+                complement = factored.complement_from_full(old, cached_segments(spec, p.shape, name))
+                if complement is not None:
+                    state[factored.STATE_KEY] = complement
+                    freed -= complement.numel() * complement.element_size()
             del old
         specs = list(opt._group_specs(group))
         specs[i] = spec

@@ -77,7 +77,7 @@ def build_slimadam(
             "slimadam_hf.build_auto_snr(model, probe_steps=N, ...)"
         )
     plan = plan if plan is not None else plan_compression(model, config.preset, config.overrides)
-    plan = dataclasses.replace(plan, momentum_dtype=config.momentum_dtype)
+    plan = dataclasses.replace(plan, momentum_dtype=config.momentum_dtype, robust=config.robust)
     optimizer = SlimAdamW.from_config(slimadam_param_groups(model, plan, config.weight_decay), config)
     optimizer.plan = plan
     return optimizer

@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 import torch
 
 from ..core import quant
-from ..core.compress_spec import CompressSpec, second_moment_dtype, second_moment_numel
+from ..core.compress_spec import CompressSpec, cached_segments, second_moment_dtype, second_moment_numel
+from ..core.factored import complement_numel
 from .presets import canonical_name
 from .render import render_plan
 from .roles import Rule
@@ -115,6 +116,8 @@ class CompressionPlan:
     warnings: list[str] = field(default_factory=list)
     momentum_dtype: Optional[str] = None
     """How the optimizer stores the first moment (``SlimAdamConfig.momentum_dtype``); counts in the bytes."""
+    robust: bool = False
+    """``SlimAdamConfig.robust``: compressed weights also keep ``exp_avg_sq_complement``; counts in the bytes."""
 
     def __getitem__(self, name: str) -> PlanEntry:
         for entry in self.entries:
@@ -130,9 +133,16 @@ class CompressionPlan:
     def num_parameters(self) -> int:
         return sum(e.numel for e in self.entries)
 
+    def complement_numel(self, entry: PlanEntry) -> int:
+        """Entries of one parameter's ``exp_avg_sq_complement`` (0 unless :attr:`robust`)."""
+        if not self.robust:
+            return 0
+        return complement_numel(cached_segments(entry.spec, entry.shape, entry.name), entry.shape)
+
     @property
     def second_moment_numel(self) -> int:
-        return sum(e.second_moment_numel for e in self.entries)
+        """Second-moment entries the optimizer keeps (complements included)."""
+        return sum(e.second_moment_numel + self.complement_numel(e) for e in self.entries)
 
     @property
     def second_moment_savings(self) -> float:
@@ -152,13 +162,14 @@ class CompressionPlan:
         dtype = entry.dtype if self.momentum_dtype is None else getattr(torch, self.momentum_dtype)
         return entry.numel * _bytes(dtype)
 
+    def second_moment_bytes(self, entry: PlanEntry) -> int:
+        """Bytes of one parameter's ``exp_avg_sq`` (and, with :attr:`robust`, ``exp_avg_sq_complement``)."""
+        return _bytes(second_moment_dtype(entry.dtype)) * (entry.second_moment_numel + self.complement_numel(entry))
+
     @property
     def slimadam_state_bytes(self) -> int:
-        """Optimizer-state bytes of SlimAdamW: ``exp_avg`` as stored, float32 compressed ``exp_avg_sq``."""
-        return sum(
-            self.first_moment_bytes(e) + _bytes(second_moment_dtype(e.dtype)) * e.second_moment_numel
-            for e in self.entries
-        )
+        """Optimizer-state bytes of SlimAdamW: ``exp_avg`` as stored, float32 compressed second moments."""
+        return sum(self.first_moment_bytes(e) + self.second_moment_bytes(e) for e in self.entries)
 
     @property
     def state_bytes_ratio(self) -> float:
@@ -195,6 +206,7 @@ class CompressionPlan:
             "totals": self.totals(),
             "warnings": list(self.warnings),
             "momentum_dtype": self.momentum_dtype,
+            "robust": self.robust,
             "parameters": [e.to_dict() for e in self.entries],
         }
 

@@ -52,6 +52,18 @@ def fsdp1(rank: int, world_size: int, out_dir: Path) -> dict:
     return result
 
 
+def fsdp2_options(rank: int, world_size: int, out_dir: Path) -> dict:
+    """Options SlimAdamW cannot follow on DTensor (FSDP2) parameters: refused at the first step, one line each."""
+    result = {}
+    for key, options in {"robust": dict(robust=True), "int8": dict(momentum_dtype="int8")}.items():
+        model = models.shard(models.make_model().float())
+        opt = SlimAdamW(models.param_groups(model), lr=1e-2, **options)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        result[key] = _error(opt.step)
+    return result
+
+
 def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0, 1, 2, 3)) -> dict:
     """Real DeepSpeed (CPU accelerator, gloo): two steps per ZeRO stage of the exotic-spec model vs one process."""
     import deepspeed
@@ -83,13 +95,14 @@ def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0
     return result
 
 
-def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_state: bool = False, **config) -> str:
+def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_state: bool = False,
+                options: dict | None = None, **config) -> str:
     """One real DeepSpeed ZeRO run of the tiny model; the UnsupportedShardingError it raises, or 'NO ERROR'."""
     import deepspeed
     import torch.distributed as dist
 
     model = models.make_model().float()
-    opt = SlimAdamW(models.param_groups(model), lr=1e-2)
+    opt = SlimAdamW(models.param_groups(model), lr=1e-2, **(options or {}))
     zero = {"stage": stage, **config.pop("zero", {})}
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
               "zero_force_ds_cpu_optimizer": False, "gradient_clipping": 0.0, **config}
@@ -117,6 +130,8 @@ def deepspeed_refusals(rank: int, world_size: int, out_dir: Path) -> dict:
                                       data_types={"grad_accum_dtype": "fp32"}),
         "elastic_checkpoint": _zero_error(rank, world_size, 2, zero={"elastic_checkpoint": True}),
         "other_rank_state": _zero_error(rank, world_size, 2, swap_state=True),
+        "robust": _zero_error(rank, world_size, 2, options=dict(robust=True)),
+        "int8": _zero_error(rank, world_size, 2, options=dict(momentum_dtype="int8")),
         "auto_snr": _auto_snr_error(rank, world_size),
     }
 

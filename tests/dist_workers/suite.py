@@ -20,6 +20,7 @@ CHECKS = {
     "fsdp2_checkpoints": fsdp2.checkpoints,
     "tensor_parallel_dim1": fsdp2.tensor_parallel_dim1,
     "fsdp1": refusals.fsdp1,
+    "fsdp2_refusals": refusals.fsdp2_options,
 }
 
 
