@@ -31,11 +31,12 @@ def test_bench_step_smoke(tmp_path):
 
 
 def test_bench_quality_smoke(tmp_path):
-    _run("bench_quality.py", "--smoke", "--out", str(tmp_path), "--archs", "gpt2", "--no-vit",
-         "--optimizers", "AdamW", "SlimAdam", "SlimAdam SNR", "Adalayer")
+    _run("bench_quality.py", "--smoke", "--out", str(tmp_path), "--archs", "gpt2", "bert", "--no-vit",
+         "--optimizers", "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam SNR", "Adalayer")
     data = json.loads((tmp_path / "quality.json").read_text())
     names = {r["optimizer"] for r in data["lm"]}
-    assert {"AdamW", "SlimAdam", "Adalayer"} <= names
+    assert {"AdamW", "SlimAdam", "SlimAdam robust", "Adalayer"} <= names
+    assert {r["arch"] for r in data["lm"]} == {"gpt2", "bert"}
     assert all(r["curve"] for r in data["lm"])
     assert (tmp_path / "quality_lr.png").stat().st_size > 0 and (tmp_path / "quality_steps.png").stat().st_size > 0
     assert "Final validation loss" in (tmp_path / "quality.md").read_text()
@@ -47,3 +48,12 @@ def test_bench_memory_smoke(tmp_path):
     for name in ("adamw_torch_fused", "slimadam", "slimadam-int8"):
         assert f"| gpt2-tiny | {name} |" in stdout
     assert "Largest fp32 model trained" in stdout and md.is_file()
+
+
+def test_second_moment_fit_smoke():
+    out = _run("second_moment_fit.py", "--arch", "llama", "--corpus", "pydoc", "--steps", "3")
+    rows = [line for line in out.splitlines() if line.startswith("| mlp_gate")]
+    assert len(rows) == 1
+    median_rule, p99_rule, median_factored, p99_factored = (float(x) for x in rows[0].strip(" |").split("|")[1:])
+    # a factor of AdamW's step per coordinate: positive, finite, and the 99th percentile above the median
+    assert 0 < median_rule <= p99_rule < 100 and 0 < median_factored <= p99_factored < 100
