@@ -70,11 +70,19 @@ def test_fsdp2_with_bfloat16_momentum(results):
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
 
 
-def test_fsdp2_refuses_robust_and_int8_momentum_with_one_line(results):
+@pytest.mark.parametrize("name", ["fsdp2_robust", "hsdp_robust"])
+def test_fsdp2_robust_is_exact(results, name):
+    # the factored second moment's complement is replicated: partial means on each shard, one all-reduce
+    r = _result(results, name)
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
+    assert r["replica_mismatch"] == 0.0
+    assert r["comm"][0]["all_reduce_calls"] == 1 and r["comm"][0]["all_reduce_bytes"] > 38 * 8
+
+
+def test_fsdp2_refuses_int8_momentum_with_one_line(results):
     r = _result(results, "fsdp2_refusals")
-    assert r["robust"].startswith("SlimAdamW: robust=True is not supported under FSDP2 / DTensor yet")
     assert r["int8"].startswith("SlimAdamW: momentum_dtype='int8' is not supported on DTensor (FSDP2")
-    assert all("\n" not in message for message in r.values())
+    assert "\n" not in r["int8"]
 
 
 def test_fsdp2_optimizer_built_before_fully_shard(results):
@@ -82,8 +90,9 @@ def test_fsdp2_optimizer_built_before_fully_shard(results):
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
 
 
-def test_fsdp2_resume_equals_uninterrupted(results):
-    r = _result(results, "fsdp2_checkpoints")
+@pytest.mark.parametrize("name", ["fsdp2_checkpoints", "fsdp2_checkpoints_robust"])
+def test_fsdp2_resume_equals_uninterrupted(results, name):
+    r = _result(results, name)
     assert r["dcp"] == 0.0 and r["accelerate_full_state_dict"] == 0.0
     assert r["dcp_steps"] == [4.0] and r["accelerate_full_state_dict_steps"] == [4.0]
     # a plain single-process checkpoint resumed under FSDP2 (state sliced onto the shards)

@@ -37,7 +37,7 @@ def _oracle(p0: torch.Tensor, grads: list[torch.Tensor], factored: bool) -> torc
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * (g * g).mean(dim=1, keepdim=True)
         w = beta2 * w + (1 - beta2) * (g * g).mean(dim=0, keepdim=True)
-        v_hat = v * w / v.mean() if factored else v
+        v_hat = v * w / w.mean() if factored else v  # mean(w) == mean(v): both are the mean of g**2
         p = p - HYPER["lr"] * (m / (1 - beta1**t)) / ((v_hat / (1 - beta2**t)).sqrt() + HYPER["eps"])
     return p
 

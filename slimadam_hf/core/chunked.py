@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .compress_spec import Segment
-from .factored import complement_segments, factors
+from .factored import Complement, factors
 from .quant import BLOCK, QuantizedMomentum
 from .reductions import mean_of_squares
 
@@ -46,7 +46,7 @@ def quantized_update(
     step_t: Tensor,
     segs: Sequence[Segment],
     stats: Optional[Sequence[Tensor]],
-    complement: Optional[Tensor],
+    complement: Optional[Complement],
     *,
     lr: float,
     beta1: float,
@@ -63,7 +63,7 @@ def quantized_update(
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     denominators: list[tuple[Tensor, ...]] = []  # (denominator,) or the factors (a, b) of a factored one
-    comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
+    comps = (None,) * len(segs) if complement is None else complement.segments
     for k, (seg, comp) in enumerate(zip(segs, comps)):
         v = seg.second_moment_view(exp_avg_sq)
         g = seg.view(grad)
@@ -77,9 +77,9 @@ def quantized_update(
         if comp is None:
             denominators.append(((seg.denominator_view(v).sqrt() / bias_correction2_sqrt).add_(eps),))
             continue
-        w = comp.second_moment_view(complement)
-        w.mul_(beta2).add_(mean_of_squares(g, comp.dims, w), alpha=1 - beta2)
-        denominators.append(factors(v, w, bias_correction2_sqrt))
+        w = complement.moment(k)
+        w.mul_(beta2).add_(complement.statistic(k, g), alpha=1 - beta2)
+        denominators.append(factors(seg.denominator_view(v), comp.denominator_view(w), w, bias_correction2_sqrt))
     row_numel = param.numel() // max(param.shape[0], 1) if param.dim() else 0
     for first, count in row_chunks(param):
         p_rows = param.narrow(0, first, count) if param.dim() else param

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import quant
 from .compress_spec import Segment
-from .factored import complement_segments
+from .factored import Complement
 from .quant import QuantizedMomentum
 from .rounding import lerp_low_precision_, noise_key
 
@@ -74,6 +74,7 @@ def _update(
     update_momentum: bool,
     complement: Optional[Tensor],
     comps: tuple[Optional[Segment], ...],
+    complement_stats: Optional[tuple[Optional[Tensor], ...]],
 ) -> None:
     # 1 - beta2 comes in computed in float64: formed from a float32 beta2 it would lose 4 digits
     decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps = scalars.unbind()
@@ -108,10 +109,11 @@ def _update(
         comp = comps[k]
         if comp is not None:  # robust: the factored second moment (slimadam_hf.core.factored)
             w = comp.second_moment_view(complement)
-            w_new = w * beta2 + (gs * gs).mean(dim=comp.dims, keepdim=True) * one_minus_beta2
+            sq_c = (gs * gs).mean(dim=comp.dims, keepdim=True) if complement_stats is None else complement_stats[k]
+            w_new = w * beta2 + sq_c * one_minus_beta2
             w.copy_(w_new)
-            b = (w_new / v_new.mean().clamp_min(torch.finfo(dtype).tiny)).sqrt()
-            denom = v_new.sqrt() / bias_correction2_sqrt * b + eps
+            b = (comp.denominator_view(w_new) / w_new.mean().clamp_min(torch.finfo(dtype).tiny)).sqrt()
+            denom = v_den.sqrt() / bias_correction2_sqrt * b + eps
             seg.view(param).copy_(ps + neg_step_size * ms / denom)
         elif v_den.shape == ps.shape:
             denom = v_den.sqrt() / bias_correction2_sqrt + eps
@@ -154,7 +156,7 @@ def compiled_slimadamw(
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
     noise: Sequence[Optional[int]],
-    complements: Sequence[Optional[Tensor]],
+    complements: Sequence[Optional[Complement]],
     *,
     lr: float,
     beta1: float,
@@ -185,16 +187,18 @@ def compiled_slimadamw(
                 None if stats is None else tuple(map(_signature, stats)),
                 None if absmax is None else _signature(absmax),
                 stochastic,
-                None if complement is None else _signature(complement),
+                None if complement is None else _signature(complement.tensor),
+                None if complement is None or complement.stats is None else tuple(map(_signature, complement.stats)),
             )
             values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps)
             scalars = scalar_tensors.get((values, param.device, exp_avg_sq.dtype))
             if scalars is None:
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)
                 scalar_tensors[(values, param.device, exp_avg_sq.dtype)] = scalars
-            comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
             args: tuple[Any, ...] = (
-                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic, complement, comps,
+                param, grad, exp_avg, absmax, exp_avg_sq, tuple(segs), scalars, stats, not stochastic,
+                *((None, (None,) * len(segs), None) if complement is None
+                  else (complement.tensor, complement.segments, complement.stats)),
             )
             fn = _compiled(key)
             if key in _SEEN:

@@ -8,21 +8,27 @@ denominator uses their rank-one estimate of the full second moment (Adafactor's,
 
 It equals the full ``v`` whenever ``v`` is a row scale times a column scale, where ``v_a`` alone keeps
 only one of the two; it costs one entry per row plus one per column. A segment with nothing left to
-factor (a full second moment, or one averaged over every dim) keeps the paper's update.
+factor (a full second moment, or one averaged over every dim) keeps the paper's update. (``mean(v_a)``
+and ``mean(v_b)`` are the same running mean of ``g**2``; the update divides by ``mean(v_b)``, which is
+whole on every rank also when ``v_a`` is sharded.)
 
 A parameter's complements live in one tensor, ``exp_avg_sq_complement``, laid out like ``exp_avg_sq``:
-the reduced shape for an unsplit parameter, flat and one part after another for a split one.
+the reduced shape for an unsplit parameter, flat and one part after another for a split one. Under FSDP2
+it is replicated: each rank reduces its shard's share and one all-reduce completes it
+(:mod:`slimadam_hf.distributed.dtensor`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .compress_spec import Dims, Segment
+from .reductions import mean_of_squares
 
 STATE_KEY = "exp_avg_sq_complement"
 
@@ -81,11 +87,43 @@ def complement_numel(segs: Sequence[Segment], shape: Sequence[int]) -> int:
     return 0 if found is None else math.prod(found)
 
 
-def factors(v: Tensor, w: Tensor, bias_correction2_sqrt: float | Tensor) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class Complement:
+    """One parameter's ``exp_avg_sq_complement`` as the update takes it.
+
+    ``segments``: per compress segment, where its complement lives in ``tensor`` (with a box narrowing it to
+    a shard's entries under FSDP2), or ``None`` (not factored). ``stats``: per segment, the mean of ``g**2``
+    over the complement dims when it was reduced across ranks; ``None``: computed from the gradient.
+    """
+
+    tensor: Tensor
+    segments: Complements
+    stats: Optional[tuple[Optional[Tensor], ...]] = None
+
+    @classmethod
+    def of(cls, tensor: Tensor, segs: Sequence[Segment], shape: Sequence[int]) -> "Complement":
+        return cls(tensor, complement_segments(segs, shape))
+
+    def moment(self, k: int) -> Tensor:
+        """Segment ``k``'s whole complement (every rank holds all of it)."""
+        comp = self.segments[k]
+        assert comp is not None
+        return comp.second_moment_view(self.tensor)
+
+    def statistic(self, k: int, grad_segment: Tensor) -> Tensor:
+        """Segment ``k``'s new ``mean(g**2)`` over its complement dims."""
+        if self.stats is not None and self.stats[k] is not None:
+            return self.stats[k]
+        comp = self.segments[k]
+        return mean_of_squares(grad_segment, comp.dims, self.moment(k))
+
+
+def factors(v_den: Tensor, w_den: Tensor, w: Tensor, bias_correction2_sqrt: float | Tensor) -> tuple[Tensor, Tensor]:
     """``(a, b)`` with ``sqrt(v_hat) / sqrt(bias correction) = a * b``, each as small as its moment:
-    ``a = sqrt(v) / sqrt(bc2)``, ``b = sqrt(w / mean(v))`` (a zero mean gives zero, not NaN)."""
-    scale = v.mean().clamp_min(torch.finfo(v.dtype).tiny)
-    return v.sqrt() / bias_correction2_sqrt, (w / scale).sqrt()
+    ``a = sqrt(v_den) / sqrt(bc2)``, ``b = sqrt(w_den / mean(w))`` (``*_den``: the entries this tensor's
+    slice uses, ``w``: the segment's whole complement; a zero mean gives zero, not NaN)."""
+    scale = w.mean().clamp_min(torch.finfo(w.dtype).tiny)
+    return v_den.sqrt() / bias_correction2_sqrt, (w_den / scale).sqrt()
 
 
 def complement_from_full(full: Tensor, segs: Sequence[Segment]) -> Optional[Tensor]:

@@ -13,8 +13,9 @@ then updated in float32 and stored back (bfloat16: rounded to nearest or stochas
 :mod:`slimadam_hf.core.rounding`; int8: block-quantized, see :mod:`slimadam_hf.core.quant`), and the
 stored value drives the update.
 
-``exp_avg_sq_complements`` (``robust=True``): per parameter ``None`` or its ``exp_avg_sq_complement``; the
-compressed segments of a parameter that has one use a factored second moment (:mod:`slimadam_hf.core.factored`).
+``exp_avg_sq_complements`` (``robust=True``): per parameter ``None`` or its
+:class:`~slimadam_hf.core.factored.Complement`; the compressed segments of a parameter that has one use a
+factored second moment (:mod:`slimadam_hf.core.factored`).
 
 ``second_moment_stats`` hands in ``mean(g_s ** 2)`` per segment instead of computing it from the
 gradient (an entry may be ``None``: that segment computes it from the gradient): the sharded (DTensor)
@@ -44,7 +45,7 @@ from torch import Tensor
 from .compress_spec import Segment
 from .options import IMPLEMENTATIONS
 from .chunked import factored_update_, quantized_update
-from .factored import complement_segments, factors
+from .factored import Complement, factors
 from .quant import QuantizedMomentum
 from .reductions import mean_of_squares
 from .rounding import lerp_low_precision_, noise_bases, noise_key
@@ -64,7 +65,7 @@ class UpdateBatch:
     steps: list[Tensor] = field(default_factory=list)
     segments: list[tuple[Segment, ...]] = field(default_factory=list)
     stats: list[Optional[list[Optional[Tensor]]]] = field(default_factory=list)
-    complements: list[Optional[Tensor]] = field(default_factory=list)
+    complements: list[Optional[Complement]] = field(default_factory=list)
 
     def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None, complement=None) -> None:  # noqa: ANN001
         for seq, value in zip(
@@ -91,7 +92,7 @@ def slimadamw(
     implementation: str = "foreach",
     second_moment_stats: Stats = None,
     rounding_seed: Optional[int] = None,
-    exp_avg_sq_complements: Optional[Sequence[Optional[Tensor]]] = None,
+    exp_avg_sq_complements: Optional[Sequence[Optional[Complement]]] = None,
 ) -> None:
     """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc).
 
@@ -127,7 +128,7 @@ def _single_tensor_slimadamw(
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
     noise: Sequence[Optional[int]],
-    complements: Sequence[Optional[Tensor]],
+    complements: Sequence[Optional[Complement]],
     *,
     lr: float,
     beta1: float,
@@ -152,7 +153,7 @@ def _single_tensor_slimadamw(
 
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
+        comps = (None,) * len(segs) if complement is None else complement.segments
         for k, (seg, comp) in enumerate(zip(segs, comps)):
             v = seg.second_moment_view(exp_avg_sq)
             stat = None if stats is None else stats[k]
@@ -167,9 +168,11 @@ def _single_tensor_slimadamw(
                 v.mul_(beta2).add_((g * g).mean(dim=seg.dims, keepdim=True), alpha=1 - beta2)
             v_hat = seg.denominator_view(v)
             if comp is not None:  # the factored estimate, full size: this is the oracle
-                w = comp.second_moment_view(complement)
-                w.mul_(beta2).add_((g * g).mean(dim=comp.dims, keepdim=True), alpha=1 - beta2)
-                v_hat = v * w / v.mean().clamp_min(torch.finfo(v.dtype).tiny)
+                w = complement.moment(k)
+                stat_c = complement.stats[k] if complement.stats is not None else None
+                w.mul_(beta2).add_((g * g).mean(dim=comp.dims, keepdim=True) if stat_c is None else stat_c,
+                                   alpha=1 - beta2)
+                v_hat = v_hat * comp.denominator_view(w) / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
             denom = (v_hat.sqrt() / bias_correction2_sqrt).add_(eps)
             seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
 
@@ -195,7 +198,7 @@ def _multi_tensor_slimadamw(
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
     noise: Sequence[Optional[int]],
-    complements: Sequence[Optional[Tensor]],
+    complements: Sequence[Optional[Complement]],
     *,
     lr: float,
     beta1: float,
@@ -231,7 +234,7 @@ def _multi_tensor_bucket(
     param_segments: list[Sequence[Segment]],
     second_moment_stats: list[Optional[Sequence[Tensor]]],
     noise: list[Optional[int]],
-    complements: list[Optional[Tensor]],
+    complements: list[Optional[Complement]],
     *,
     lr: float,
     beta1: float,
@@ -249,14 +252,14 @@ def _multi_tensor_bucket(
     full_v, full_g = [], []  # v <- beta2 * v + (1 - beta2) * g * g
     mean_v, mean_x = [], []  # v <- beta2 * v + (1 - beta2) * x, x a mean of g * g (or handed in)
     plain: dict[str, list] = defaultdict(list)  # p <- p + step * m / (sqrt(v) / bc2_sqrt + eps), batched
-    factored = []  # (p, m, v, w, step, bc2_sqrt): the denominator from two small moments, chunked
+    factored = []  # (p, m, v_den, w_den, w, step, bc2_sqrt): the denominator from two small moments, chunked
     for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, complement in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, complements
     ):
         step = step_t.item()
         neg_step_size = -lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        comps = (None,) * len(segs) if complement is None else complement_segments(segs, param.shape)
+        comps = (None,) * len(segs) if complement is None else complement.segments
         for k, (seg, comp) in enumerate(zip(segs, comps)):
             v = seg.second_moment_view(exp_avg_sq)
             stat = None if stats is None else stats[k]
@@ -269,10 +272,11 @@ def _multi_tensor_bucket(
                 mean_v.append(v)
                 mean_x.append(stat if stat is not None else mean_of_squares(seg.view(grad), seg.dims, v))
             if comp is not None:
-                w = comp.second_moment_view(complement)
+                w = complement.moment(k)
                 mean_v.append(w)
-                mean_x.append(mean_of_squares(seg.view(grad), comp.dims, w))
-                factored.append((seg.view(param), seg.view(exp_avg), v, w, neg_step_size, bias_correction2_sqrt))
+                mean_x.append(complement.statistic(k, seg.view(grad)))
+                factored.append((seg.view(param), seg.view(exp_avg), seg.denominator_view(v), comp.denominator_view(w),
+                                 w, neg_step_size, bias_correction2_sqrt))
                 continue
             plain["p"].append(seg.view(param))
             plain["m"].append(seg.view(exp_avg))
@@ -293,5 +297,5 @@ def _multi_tensor_bucket(
         torch._foreach_add_(denoms, eps)
         denoms = [d.expand_as(p) for d, p in zip(denoms, plain["p"])]
         torch._foreach_addcdiv_(plain["p"], plain["m"], denoms, plain["neg_step_size"])
-    for p, m, v, w, neg_step_size, bias_correction2_sqrt in factored:
-        factored_update_(p, m, *factors(v, w, bias_correction2_sqrt), eps, neg_step_size)
+    for p, m, v_den, w_den, w, neg_step_size, bias_correction2_sqrt in factored:
+        factored_update_(p, m, *factors(v_den, w_den, w, bias_correction2_sqrt), eps, neg_step_size)

@@ -10,6 +10,9 @@ parameters that keep their global shape, so per-tensor compression stays possibl
   partial sums up. That second moment is ``Replicate`` on those mesh dims, identical on every rank;
 * a split (fused) parameter keeps one flat second moment holding every part; under sharding it is
   replicated and refreshed by the same batched all-reduce (each rank fills in the entries it owns).
+* ``robust=True``: the complement (``exp_avg_sq_complement``, the mean over the dims the rule keeps) is
+  replicated the same way: each rank fills in its shard's share and the batched all-reduce, over every
+  mesh dim that shards the weight, completes it.
 
 This module only prepares the local shards: :func:`local_inputs` gives a parameter's local tensors, its
 local compress segments and its partial statistics, and :func:`all_reduce_statistics` sums those over
@@ -24,13 +27,15 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..core.compress_spec import CompressSpec, Segment, second_moment_dtype, second_moment_shape, segments
+from ..core.factored import STATE_KEY as COMPLEMENT_KEY
+from ..core.factored import Complement, complement_segments, complement_shape
 from .guards import UnsupportedShardingError
 
 # Per-optimizer layout cache, kept off the optimizer so that pickling or deep-copying it is unaffected.
@@ -49,6 +54,11 @@ class _Layout:
     split: bool
     segments: tuple[Segment, ...]  # over the local shard (split parts: the rank's slice of each part)
     counts: tuple[int, ...]  # per segment: global number of gradient entries in one second-moment entry
+    sharded_mesh_dims: tuple[int, ...] = ()
+    # robust=True: the replicated complement's global shape, and per segment its local complement + count
+    complement_shape: Optional[tuple[int, ...]] = None
+    complements: tuple[Optional[Segment], ...] = ()
+    complement_counts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -64,6 +74,8 @@ class LocalInputs:
     stats: Optional[list[Tensor]]  # per segment mean(g**2) (partial until all-reduced); None: use g*g
     layout: _Layout
     reduce: list[Tensor]  # buffers to all-reduce (the stats, or the flat buffer they view)
+    complement: Optional[Complement] = None  # robust=True: the replicated complement and its partial stats
+    complement_reduce: list[Tensor] = field(default_factory=list)  # summed over every sharded mesh dim
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -78,6 +90,45 @@ def _shard_dim(placement: Any) -> Optional[int]:
     from torch.distributed.tensor import Shard
 
     return placement.dim if isinstance(placement, Shard) else None
+
+
+def _local_segment(
+    seg: Segment, shape: tuple[int, ...], local_shape: Sequence[int], offset: Sequence[int]
+) -> tuple[Segment, int]:
+    """``seg`` of the global tensor on this rank's shard: its slice of the local tensor, with the box of its
+    second moment that slice uses; and the global number of gradient entries in one moment entry."""
+    sd = seg.split_dim
+    dims_set = set(seg.dims or ())
+    if sd is None:
+        local_start, length, box_start = 0, local_shape[0] if local_shape else 1, 0
+    else:
+        start = max(seg.offset, offset[sd])
+        stop = min(seg.offset + seg.size, offset[sd] + local_shape[sd])
+        length = max(0, stop - start)
+        local_start, box_start = (start - offset[sd], start - seg.offset) if length else (0, 0)
+    box = []
+    for d in range(len(shape)):
+        if d in dims_set:
+            continue
+        if d == sd:
+            box.append((d, box_start, length))
+        elif local_shape[d] != shape[d]:
+            box.append((d, offset[d], local_shape[d]))
+    seg_shape = shape if sd is None else shape[:sd] + (seg.size,) + shape[sd + 1 :]
+    count = math.prod(seg_shape[d] for d in dims_set) if seg.dims else 1
+    return Segment(sd, local_start, length, seg.dims, seg.v_offset, seg.v_shape, tuple(box)), count
+
+
+def _with_complements(layout: _Layout, segs: Sequence[Segment], shape: tuple[int, ...], local_shape: Sequence[int],
+                      offset: Sequence[int], sharded_mesh_dims: tuple[int, ...]) -> _Layout:
+    """``layout`` plus where each segment's replicated complement (``robust=True``) lives on this rank."""
+    comps = complement_segments(segs, shape)
+    local = [None if c is None else _local_segment(c, shape, local_shape, offset) for c in comps]
+    return replace(
+        layout, sharded_mesh_dims=sharded_mesh_dims, complement_shape=complement_shape(segs, shape),
+        complements=tuple(None if x is None else x[0] for x in local),
+        complement_counts=tuple(0 if x is None else x[1] for x in local),
+    )
 
 
 def _build_layout(param: Tensor, spec: CompressSpec, name: str) -> _Layout:
@@ -107,7 +158,8 @@ def _build_layout(param: Tensor, spec: CompressSpec, name: str) -> _Layout:
         v_local = tuple(1 if d in dims_set else s for d, s in enumerate(local_shape))
         count = math.prod(shape[d] for d in dims_set) if dims else 1
         local_seg = Segment(None, 0, local_shape[0] if local_shape else 1, dims, 0, v_local)
-        return _Layout(mesh, v_placements, segs[0].v_shape, v_local, reduce_dims, False, (local_seg,), (count,))
+        layout = _Layout(mesh, v_placements, segs[0].v_shape, v_local, reduce_dims, False, (local_seg,), (count,))
+        return _with_complements(layout, segs, shape, local_shape, offset, sharded_mesh_dims)
 
     # Split parameter: one flat, replicated second moment; each rank fills in the box it owns.
     if any(type(placements[i]) is not Shard for i in sharded_mesh_dims):
@@ -115,30 +167,13 @@ def _build_layout(param: Tensor, spec: CompressSpec, name: str) -> _Layout:
             f"SlimAdamW: split parameter {name!r} has placements {placements}; split (fused) weights "
             "need plain Shard placements (contiguous shards). Give it an unsplit compress spec instead."
         )
-    local_segs, counts = [], []
-    for seg in segs:
-        sd = seg.split_dim
-        start = max(seg.offset, offset[sd])
-        stop = min(seg.offset + seg.size, offset[sd] + local_shape[sd])
-        length = max(0, stop - start)
-        local_start, box_start = (start - offset[sd], start - seg.offset) if length else (0, 0)
-        dims_set = set(seg.dims or ())
-        box = []
-        for d in range(len(shape)):
-            if d in dims_set:
-                continue
-            if d == sd:
-                box.append((d, box_start, length))
-            elif local_shape[d] != shape[d]:
-                box.append((d, offset[d], local_shape[d]))
-        seg_shape = shape[:sd] + (seg.size,) + shape[sd + 1 :]
-        counts.append(math.prod(seg_shape[d] for d in dims_set) if seg.dims else 1)
-        local_segs.append(Segment(sd, local_start, length, seg.dims, seg.v_offset, seg.v_shape, tuple(box)))
+    local_segs, counts = zip(*(_local_segment(seg, shape, local_shape, offset) for seg in segs))
     v_shape = second_moment_shape(spec, shape, name)
-    return _Layout(
+    layout = _Layout(
         mesh, tuple(Replicate() for _ in placements), v_shape, v_shape, sharded_mesh_dims, True,
         tuple(local_segs), tuple(counts),
     )
+    return _with_complements(layout, segs, shape, local_shape, offset, sharded_mesh_dims)
 
 
 def _layout(owner: Any, param: Tensor, spec: CompressSpec, name: str) -> _Layout:
@@ -183,6 +218,33 @@ def _localize(tensor: Tensor, like_mesh: Any, placements: tuple, global_shape: t
     )
 
 
+def _init_complement(state: dict[str, Any], param: Tensor, layout: _Layout, name: str, fresh: bool) -> None:
+    """``robust=True``: the replicated ``exp_avg_sq_complement`` (created, or a loaded one replicated)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if layout.complement_shape is None:
+        return
+    if any(type(param.placements[i]) is not Shard for i in layout.sharded_mesh_dims):
+        raise UnsupportedShardingError(
+            f"SlimAdamW: robust=True needs plain Shard placements (contiguous shards); parameter {name!r} has "
+            f"{tuple(param.placements)}. Use robust=False for this model, or FSDP2 without strided sharding."
+        )
+    replicate = tuple(Replicate() for _ in param.placements)
+    if COMPLEMENT_KEY in state:
+        state[COMPLEMENT_KEY] = _localize(state[COMPLEMENT_KEY], layout.mesh, replicate, layout.complement_shape, name)
+        return
+    if not fresh:
+        raise ValueError(
+            f"SlimAdamW: the optimizer state of parameter {name!r} has no {COMPLEMENT_KEY} (saved with "
+            "robust=False); under FSDP2 resume it with robust=False, or convert it in one process first"
+        )
+    local = torch.zeros(layout.complement_shape, dtype=second_moment_dtype(param.dtype), device=param.to_local().device)
+    state[COMPLEMENT_KEY] = DTensor.from_local(
+        local, layout.mesh, replicate, run_check=False, shape=torch.Size(layout.complement_shape),
+        stride=_contiguous_stride(layout.complement_shape),
+    )
+
+
 def _init_state(
     state: dict[str, Any], param: Tensor, layout: _Layout, name: str, momentum_dtype: torch.dtype
 ) -> dict[str, Any]:
@@ -218,12 +280,14 @@ def _local_mean(g: Tensor, dims: Optional[tuple[int, ...]], dtype: torch.dtype, 
 
 
 def local_inputs(
-    owner: Any, state: dict[str, Any], param: Tensor, spec: CompressSpec, name: str, momentum_dtype: torch.dtype
+    owner: Any, state: dict[str, Any], param: Tensor, spec: CompressSpec, name: str, momentum_dtype: torch.dtype,
+    robust: bool = False,
 ) -> LocalInputs:
     """``param``'s local shards, state (created or sharded on first use) and partial statistics.
 
     ``owner`` keys the layout cache (the optimizer). The statistics are this rank's share of each
-    segment's ``mean(g**2)``; :func:`all_reduce_statistics` completes them.
+    segment's ``mean(g**2)`` (with ``robust``, also of its mean over the complement dims);
+    :func:`all_reduce_statistics` completes them.
     """
     if momentum_dtype == torch.int8:
         raise UnsupportedShardingError(
@@ -231,7 +295,10 @@ def local_inputs(
             f"yet (parameter {name!r}); use momentum_dtype='bfloat16' under FSDP2, or int8 with DDP / one process"
         )
     layout = _layout(owner, param, spec, name)
+    fresh = not state
     state = _init_state(state, param, layout, name, momentum_dtype)
+    if robust:
+        _init_complement(state, param, layout, name, fresh)
     grad = param.grad
     if tuple(grad.placements) != tuple(param.placements):
         grad = grad.redistribute(param.device_mesh, param.placements)
@@ -251,10 +318,24 @@ def local_inputs(
         seg = layout.segments[0]
         stats = [_local_mean(g, seg.dims, v.dtype, layout.counts[0])]
         reduce = stats
-    return LocalInputs(
+    local = LocalInputs(
         param.to_local(), g, state["exp_avg"].to_local(), v, state["step"], layout.segments, stats, layout,
         reduce if layout.reduce_mesh_dims else [],
     )
+    if robust and layout.complement_shape is not None:
+        w = state[COMPLEMENT_KEY].to_local()  # replicated: every rank holds all of it
+        partial = torch.zeros_like(w)
+        comp_stats: list[Optional[Tensor]] = []
+        for seg, comp, count in zip(layout.segments, layout.complements, layout.complement_counts):
+            if comp is None:
+                comp_stats.append(None)
+                continue
+            stat = comp.second_moment_view(partial)
+            comp.denominator_view(stat).add_(_local_mean(seg.view(g), comp.dims, w.dtype, count))
+            comp_stats.append(stat)
+        local.complement = Complement(w, layout.complements, tuple(comp_stats))
+        local.complement_reduce = [partial] if layout.sharded_mesh_dims else []
+    return local
 
 
 def all_reduce_statistics(items: Sequence[LocalInputs]) -> tuple[int, int]:
@@ -267,9 +348,11 @@ def all_reduce_statistics(items: Sequence[LocalInputs]) -> tuple[int, int]:
     # Equal meshes (FSDP2 builds one per fully_shard call) share a bucket.
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for item in items:
-        for mesh_dim in item.layout.reduce_mesh_dims:
-            for stat in item.reduce:
-                buckets[(item.layout.mesh, mesh_dim, stat.dtype, stat.device)].append(stat)
+        for mesh_dims, stats in ((item.layout.reduce_mesh_dims, item.reduce),
+                                 (item.layout.sharded_mesh_dims, item.complement_reduce)):
+            for mesh_dim in mesh_dims:
+                for stat in stats:
+                    buckets[(item.layout.mesh, mesh_dim, stat.dtype, stat.device)].append(stat)
     calls = nbytes = 0
     for (mesh, mesh_dim, _, _), stats in buckets.items():
         flat = torch.cat([s.reshape(-1) for s in stats])

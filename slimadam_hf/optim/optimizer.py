@@ -33,17 +33,14 @@ from ..distributed.guards import (
 logger = logging.getLogger(__name__)
 
 
-def _refuse_robust(group: dict[str, Any], where: str) -> None:
+def _flat_momentum_dtype(group: dict[str, Any], flat: Tensor) -> torch.dtype:
+    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused; so is
+    robust=True, whose second mean is not mapped onto flat partitions)."""
     if group["robust"]:
         raise UnsupportedShardingError(
-            f"SlimAdamW: robust=True is not supported under {where} yet (its factored second moment needs "
-            "whole weights); use robust=False there, or robust=True with DDP / one process"
+            "SlimAdamW: robust=True is not supported under DeepSpeed ZeRO yet (its second mean is not mapped "
+            "onto flat partitions); use robust=False there, or robust=True with DDP, FSDP2 or one process"
         )
-
-
-def _flat_momentum_dtype(group: dict[str, Any], flat: Tensor) -> torch.dtype:
-    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused)."""
-    _refuse_robust(group, "DeepSpeed ZeRO")
     if group["momentum_dtype"] == "int8":
         raise UnsupportedShardingError(
             "SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions yet; use "
@@ -107,7 +104,7 @@ class SlimAdamW(Optimizer):
             ``v_rule * v_complement / mean(v_rule)``, so a weight keeps a row and a column scale. It holds
             AdamW's loss at high learning rates where the paper's update falls behind; it costs one entry
             per row plus one per column (``exp_avg_sq_complement``). ``False`` is the paper's algorithm.
-            Single process and DDP only (refused under FSDP2 and DeepSpeed ZeRO).
+            One process, DDP and FSDP2 (the complement is replicated); refused under DeepSpeed ZeRO.
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
     State per parameter: ``step``, ``exp_avg`` (parameter shape; parameter dtype or ``momentum_dtype``) and ``exp_avg_sq``
@@ -226,17 +223,18 @@ class SlimAdamW(Optimizer):
                     "use dense gradients, e.g. nn.Embedding(sparse=False)"
                 )
             if sharded and is_dtensor(p):
-                _refuse_robust(group, "FSDP2 / DTensor")
                 local = dtensor.local_inputs(
-                    self, self.state[p], p, spec, name, momentum_dtype_for(group["momentum_dtype"], p)
+                    self, self.state[p], p, spec, name, momentum_dtype_for(group["momentum_dtype"], p), group["robust"]
                 )
                 shards.append(local)
                 batch.add(local.param, local.grad, local.exp_avg, local.exp_avg_sq, local.step, local.segments,
-                          local.stats)
+                          local.stats, local.complement)
                 continue
             state = self._init_state(p, spec, name, group)
-            batch.add(p, p.grad, _first_moment(state, p), state["exp_avg_sq"], state["step"],
-                      cached_segments(spec, p.shape, name), complement=state.get(factored.STATE_KEY))
+            segs = cached_segments(spec, p.shape, name)
+            complement = state.get(factored.STATE_KEY)
+            batch.add(p, p.grad, _first_moment(state, p), state["exp_avg_sq"], state["step"], segs,
+                      complement=None if complement is None else factored.Complement.of(complement, segs, p.shape))
         return batch, shards
 
     @torch.no_grad()

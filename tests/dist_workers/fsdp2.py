@@ -21,7 +21,8 @@ def _max_diff(model, ref, opt, ref_opt) -> dict:
     params = max((_full(p) - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
     state = 0.0
     for p, q in zip(model.parameters(), ref.parameters()):
-        for key in ("exp_avg", "exp_avg_sq"):
+        assert set(opt.state[p]) == set(ref_opt.state[q]), (set(opt.state[p]), set(ref_opt.state[q]))
+        for key in set(ref_opt.state[q]) - {"step"}:
             a, b = _full(opt.state[p][key]), ref_opt.state[q][key]
             assert a.shape == b.shape, (key, a.shape, b.shape)
             state = max(state, (a - b).abs().max().item())
@@ -46,11 +47,11 @@ def exact_steps(rank: int, world_size: int, out_dir: Path, steps: int = 3, hsdp=
         comm.append(dict(opt.comm_stats))
     mismatch = 0.0  # replicated second moments must stay identical on every rank
     for p in model.parameters():
-        v = opt.state[p]["exp_avg_sq"]
-        if all(pl.is_replicate() for pl in v.placements):
-            copies = [torch.empty_like(v.to_local()) for _ in range(world_size)]
-            torch.distributed.all_gather(copies, v.to_local().contiguous())
-            mismatch = max(mismatch, max((c - copies[0]).abs().max().item() for c in copies))
+        for v in (opt.state[p].get("exp_avg_sq"), opt.state[p].get("exp_avg_sq_complement")):
+            if v is not None and all(pl.is_replicate() for pl in v.placements):
+                copies = [torch.empty_like(v.to_local()) for _ in range(world_size)]
+                torch.distributed.all_gather(copies, v.to_local().contiguous())
+                mismatch = max(mismatch, max((c - copies[0]).abs().max().item() for c in copies))
     shapes = {n: list(p.to_local().shape) for n, p in model.named_parameters()}
     placements = {n: str(opt.state[p]["exp_avg_sq"].placements) for n, p in model.named_parameters()}
     return {"diff": _max_diff(model, ref, opt, ref_opt), "comm": comm, "local_shapes": shapes, "replica_mismatch": mismatch,
@@ -96,7 +97,7 @@ def _full_params(model) -> list[torch.Tensor]:
     return [_full(p).detach().clone() for p in model.parameters()]
 
 
-def _accelerate_full_state_roundtrip(model, opt, out_dir: Path):
+def _accelerate_full_state_roundtrip(model, opt, out_dir: Path, **options):
     """Save with accelerate's FSDP2 FULL_STATE_DICT path, load into a model/optimizer built in its order."""
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -114,14 +115,14 @@ def _accelerate_full_state_roundtrip(model, opt, out_dir: Path):
     save_fsdp_model(plugin, accelerator, model, str(ckpt))
     save_fsdp_optimizer(plugin, accelerator, opt, model, str(ckpt))
     fresh = models.make_model(seed=1)
-    fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1)
+    fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1, **options)
     fresh = _switch_like_accelerate(fresh, fresh_opt)
     load_fsdp_model(plugin, accelerator, fresh, str(ckpt))
     load_fsdp_optimizer(plugin, accelerator, fresh_opt, fresh, str(ckpt))
     return fresh, fresh_opt
 
 
-def _dcp_roundtrip(model, opt, out_dir: Path):
+def _dcp_roundtrip(model, opt, out_dir: Path, **options):
     """Sharded save/load through torch.distributed.checkpoint into a fresh FSDP2 model and optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -130,7 +131,7 @@ def _dcp_roundtrip(model, opt, out_dir: Path):
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
     fresh = models.shard(models.make_model(seed=1))
-    fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1)
+    fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1, **options)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(ckpt))
@@ -138,10 +139,10 @@ def _dcp_roundtrip(model, opt, out_dir: Path):
     return fresh, fresh_opt
 
 
-def _from_single_process_checkpoint(rank: int, out_dir: Path):
+def _from_single_process_checkpoint(rank: int, out_dir: Path, **options):
     """A plain single-process checkpoint (torch.save) loaded into an FSDP2 model and optimizer."""
     ref = models.make_model()
-    ref_opt = SlimAdamW(models.param_groups(ref), lr=1e-2, weight_decay=0.1)
+    ref_opt = SlimAdamW(models.param_groups(ref), lr=1e-2, weight_decay=0.1, **options)
     train(ref, ref_opt, 2, None, 1)
     path = out_dir / f"single_rank{rank}.pt"
     torch.save({"model": ref.state_dict(), "optim": ref_opt.state_dict()}, path)
@@ -149,19 +150,19 @@ def _from_single_process_checkpoint(rank: int, out_dir: Path):
     fresh = models.make_model(seed=1)
     fresh.load_state_dict(ckpt["model"])
     fresh = models.shard(fresh)
-    fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1)
+    fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1, **options)
     fresh_opt.load_state_dict(ckpt["optim"])
     return fresh, fresh_opt
 
 
-def checkpoints(rank: int, world_size: int, out_dir: Path) -> dict:
+def checkpoints(rank: int, world_size: int, out_dir: Path, **options) -> dict:
     """Resume after 2 of 4 steps (DCP sharded, accelerate full state dict) vs the uninterrupted run."""
     model = models.shard(models.make_model())
-    opt = SlimAdamW(models.param_groups(model), lr=1e-2, weight_decay=0.1)
+    opt = SlimAdamW(models.param_groups(model), lr=1e-2, weight_decay=0.1, **options)
     train(model, opt, 2, rank, world_size)
-    resumed = {"dcp": _dcp_roundtrip(model, opt, out_dir),
-               "accelerate_full_state_dict": _accelerate_full_state_roundtrip(model, opt, out_dir),
-               "single_process_checkpoint": _from_single_process_checkpoint(rank, out_dir)}
+    resumed = {"dcp": _dcp_roundtrip(model, opt, out_dir, **options),
+               "accelerate_full_state_dict": _accelerate_full_state_roundtrip(model, opt, out_dir, **options),
+               "single_process_checkpoint": _from_single_process_checkpoint(rank, out_dir, **options)}
     train(model, opt, 2, rank, world_size, start=2)
     expected = _full_params(model)
     diffs = {}

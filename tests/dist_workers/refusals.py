@@ -55,7 +55,7 @@ def fsdp1(rank: int, world_size: int, out_dir: Path) -> dict:
 def fsdp2_options(rank: int, world_size: int, out_dir: Path) -> dict:
     """Options SlimAdamW cannot follow on DTensor (FSDP2) parameters: refused at the first step, one line each."""
     result = {}
-    for key, options in {"robust": dict(robust=True), "int8": dict(momentum_dtype="int8")}.items():
+    for key, options in {"int8": dict(momentum_dtype="int8")}.items():
         model = models.shard(models.make_model().float())
         opt = SlimAdamW(models.param_groups(model), lr=1e-2, **options)
         for p in model.parameters():
