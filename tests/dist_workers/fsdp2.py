@@ -22,7 +22,7 @@ def _max_diff(model, ref, opt, ref_opt) -> dict:
     state = 0.0
     for p, q in zip(model.parameters(), ref.parameters()):
         assert set(opt.state[p]) == set(ref_opt.state[q]), (set(opt.state[p]), set(ref_opt.state[q]))
-        for key in set(ref_opt.state[q]) - {"step"}:
+        for key in sorted(set(ref_opt.state[q]) - {"step"}):  # the same order on every rank (collectives)
             a, b = _full(opt.state[p][key]), ref_opt.state[q][key]
             assert a.shape == b.shape, (key, a.shape, b.shape)
             state = max(state, (a - b).abs().max().item())
