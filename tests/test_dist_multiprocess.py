@@ -29,22 +29,15 @@ def results(tmp_path_factory) -> dict:
     return harness.spawn(suite.run_all, 2, tmp_path_factory.mktemp("dist"))
 
 
-def _result(results: dict, name: str) -> dict:
-    result = results[name]
-    if "traceback" in result:
-        pytest.fail(f"{name} failed in the worker:\n{result['traceback']}")
-    return result
-
-
 def test_ddp_matches_single_process(results):
-    r = _result(results, "ddp")
+    r = harness.worker_result(results, "ddp")
     assert r["dtype"] == "torch.float64"
     assert r["max_param_change"] > 1e-2  # the run really moved the weights
     assert r["max_param_diff"] < 1e-12
 
 
 def test_fsdp2_steps_are_exact(results):
-    r = _result(results, "fsdp2_exact")
+    r = harness.worker_result(results, "fsdp2_exact")
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
     assert r["replica_mismatch"] == 0.0
     # uneven (4+3 rows), empty (rank 1 of one.weight) and split shards were all exercised
@@ -60,39 +53,39 @@ def test_fsdp2_steps_are_exact(results):
 @pytest.mark.parametrize("name", ["hsdp_replicate2_shard1", "hsdp_replicate1_shard2"])
 def test_hsdp_2d_mesh_is_exact(results, name):
     # (Replicate(), Shard(0)) placements: partial sums are added over the shard mesh dim only
-    r = _result(results, name)
+    r = harness.worker_result(results, name)
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
     assert r["replica_mismatch"] == 0.0
 
 
 def test_fsdp2_with_bfloat16_momentum(results):
-    r = _result(results, "fsdp2_momentum_bf16")
+    r = harness.worker_result(results, "fsdp2_momentum_bf16")
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
 
 
 @pytest.mark.parametrize("name", ["fsdp2_robust", "hsdp_robust"])
 def test_fsdp2_robust_is_exact(results, name):
     # the factored second moment's complement is replicated: partial means on each shard, one all-reduce
-    r = _result(results, name)
+    r = harness.worker_result(results, name)
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
     assert r["replica_mismatch"] == 0.0
     assert r["comm"][0]["all_reduce_calls"] == 1 and r["comm"][0]["all_reduce_bytes"] > 38 * 8
 
 
 def test_fsdp2_refuses_int8_momentum_with_one_line(results):
-    r = _result(results, "fsdp2_refusals")
+    r = harness.worker_result(results, "fsdp2_refusals")
     assert r["int8"].startswith("SlimAdamW: momentum_dtype='int8' is not supported on DTensor (FSDP2")
     assert "\n" not in r["int8"]
 
 
 def test_fsdp2_optimizer_built_before_fully_shard(results):
-    r = _result(results, "fsdp2_accelerate_order")
+    r = harness.worker_result(results, "fsdp2_accelerate_order")
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
 
 
 @pytest.mark.parametrize("name", ["fsdp2_checkpoints", "fsdp2_checkpoints_robust"])
 def test_fsdp2_resume_equals_uninterrupted(results, name):
-    r = _result(results, name)
+    r = harness.worker_result(results, name)
     assert r["dcp"] == 0.0 and r["accelerate_full_state_dict"] == 0.0
     assert r["dcp_steps"] == [4.0] and r["accelerate_full_state_dict_steps"] == [4.0]
     # a plain single-process checkpoint resumed under FSDP2 (state sliced onto the shards)
@@ -101,13 +94,13 @@ def test_fsdp2_resume_equals_uninterrupted(results, name):
 
 def test_dim1_sharded_dtensors_are_exact(results):
     # column-wise (tensor-parallel style) shards: the reduced dims are now dim 1
-    r = _result(results, "tensor_parallel_dim1")
+    r = harness.worker_result(results, "tensor_parallel_dim1")
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
     assert r["comm"]["all_reduce_calls"] == 1
 
 
 def test_fsdp1_is_refused_with_a_clear_error(results):
-    r = _result(results, "fsdp1")
+    r = harness.worker_result(results, "fsdp1")
     for key, message in r.items():
         if key.endswith(":names"):
             continue

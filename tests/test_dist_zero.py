@@ -41,16 +41,6 @@ def results(tmp_path_factory) -> dict:
     return harness.spawn(zero.suite, 2, tmp_path_factory.mktemp("zero"))
 
 
-def _check(results: dict, name: str) -> dict:
-    result = results[name]
-    if "traceback" in result:
-        pytest.fail(f"{name} failed in the worker:\n{result['traceback']}")
-    for key, value in result.items():
-        if isinstance(value, dict) and "traceback" in value:
-            pytest.fail(f"{name}/{key} failed in the worker:\n{value['traceback']}")
-    return result
-
-
 def _key(case: tuple) -> str:
     preset, stage, per_weight, *init = case
     return f"{preset}:stage{stage}:{'per_weight' if per_weight else 'two_groups'}{':zero_init' if init else ''}"
@@ -76,7 +66,7 @@ def _assert_follows_single_process(r: dict, case: tuple, wrapper: str) -> tuple[
 
 @pytest.mark.parametrize("case", zero.FP32_CASES, ids=_key)
 def test_zero_float32_follows_single_process(results, case):
-    r = _check(results, "fp32")
+    r = harness.worker_result(results, "fp32")
     stage = case[1]
     _assert_follows_single_process(r, case, "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
     slim = r[_key(case) + ":slimadam"]
@@ -88,7 +78,7 @@ def test_zero_float32_follows_single_process(results, case):
 
 @pytest.mark.parametrize("case", zero.OFFLOAD_CASES, ids=_key)
 def test_zero_offload_optimizer_cpu_follows_single_process(results, case):
-    r = _check(results, "offload")
+    r = harness.worker_result(results, "offload")
     stage = case[1]
     _assert_follows_single_process(r, case, "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
     slim = r[_key(case) + ":slimadam"]
@@ -99,7 +89,7 @@ def test_zero_offload_optimizer_cpu_follows_single_process(results, case):
 @pytest.mark.parametrize("case", zero.BF16_CASES, ids=_key)
 def test_zero_bf16_follows_single_process_as_closely_as_adamw(results, case):
     # bf16 forward/backward against a float32 single process: both optimizers differ at bf16 rounding
-    r = _check(results, "bf16")
+    r = harness.worker_result(results, "bf16")
     stage = case[1]
     _assert_follows_single_process(r, case, "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
     slim, adamw = r[_key(case) + ":slimadam"], r[_key(case) + ":adamw"]
@@ -107,7 +97,7 @@ def test_zero_bf16_follows_single_process_as_closely_as_adamw(results, case):
 
 
 def test_refused_settings_give_one_line_errors(results):
-    r = _check(results, "refusals")
+    r = harness.worker_result(results, "refusals")
     for key, message in r.items():
         assert "\n" not in message and message != "NO ERROR", (key, message)
     assert r["bf16_optimizer"].startswith(

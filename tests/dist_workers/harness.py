@@ -46,3 +46,17 @@ def spawn(fn: Callable[..., Any], world_size: int, out_dir: Path, **kwargs: Any)
         _entry, args=(world_size, free_port(), fn, str(out_dir), kwargs), nprocs=world_size, start_method="spawn"
     )
     return json.loads(Path(out_dir, "result.json").read_text())
+
+
+def worker_result(results: dict, name: str) -> dict:
+    """Check ``name``'s entry of a worker suite's results: fail the calling test with the worker's traceback
+    (for the check, or for one of its sub-results) instead of a KeyError further on."""
+    import pytest
+
+    result = results[name]
+    if "traceback" in result:
+        pytest.fail(f"{name} failed in the worker:\n{result['traceback']}")
+    for key, value in result.items():
+        if isinstance(value, dict) and "traceback" in value:
+            pytest.fail(f"{name}/{key} failed in the worker:\n{value['traceback']}")
+    return result
