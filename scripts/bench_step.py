@@ -23,6 +23,7 @@ Examples::
     python scripts/bench_step.py --models llama-1b --llama-layers 2 --repeats 7
     python scripts/bench_step.py --smoke
     python scripts/bench_step.py --models gpt2-124m --optimizers "torch AdamW fused" --trainer   # end to end
+    python scripts/bench_step.py --models gpt2-124m --optimizers "torch AdamW fused" --first-steps  # build/compile
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Skip(Exception):
     """An optional baseline that cannot run here (package missing or unsupported device)."""
 
 
-def _slim(impl: str, momentum_dtype: Optional[torch.dtype | str] = None) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def _slim(impl: Optional[str], momentum_dtype: Optional[torch.dtype | str] = None) -> Callable[[nn.Module], torch.optim.Optimizer]:
     def make(model: nn.Module) -> torch.optim.Optimizer:
         from slimadam_hf import build_slimadam
 
@@ -152,6 +153,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "torch AdamW foreach": _adamw(foreach=True),
     "SlimAdamW compiled": _slim("compiled"),
     "SlimAdamW compiled, bf16 m": _slim("compiled", torch.bfloat16),
+    "SlimAdamW default": _slim(None),
+    "SlimAdamW fused": _slim("fused"),
     "SlimAdamW foreach": _slim("foreach"),
     "SlimAdamW foreach, bf16 m": _slim("foreach", torch.bfloat16),
     "SlimAdamW foreach, int8 m": _slim("foreach", "int8"),
@@ -302,6 +305,7 @@ def peak_rss(model_name: str, opt_name: str, llama_layers: int) -> Optional[int]
 # -- end to end: tokens per second through the real Trainer ------------------------------------------
 
 TRAINER_OPTIMS = {"adamw_torch_fused": ("adamw_torch_fused", None), "slimadam": ("slimadam", None),
+                  "slimadam foreach": ("slimadam", "implementation=foreach"),
                   "slimadam compiled": ("slimadam", "implementation=compiled")}
 
 
@@ -338,9 +342,8 @@ def trainer_child(model_name: str, optim_name: str, steps: int, batch: int, seq:
     print(json.dumps({"tokens_per_s": (len(steady) - 1) * batch * seq / (steady[-1] - steady[0])}))
 
 
-def trainer_throughput(model_name: str, steps: int, batch: int, seq: int, repeats: int) -> str:
-    """Median tokens/s per optimizer over ``repeats`` fresh processes, run in rotating order."""
-    names = list(TRAINER_OPTIMS)
+def trainer_throughput(model_name: str, steps: int, batch: int, seq: int, repeats: int, names: list[str]) -> str:
+    """Median tokens/s per ``--optim`` in ``names`` over ``repeats`` fresh processes, run in rotating order."""
     results: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
@@ -348,13 +351,49 @@ def trainer_throughput(model_name: str, steps: int, batch: int, seq: int, repeat
                    "--trainer-batch", str(batch), "--trainer-seq", str(seq)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
-    base = statistics.median(results["adamw_torch_fused"])
+    base = statistics.median(results[names[0]])
     lines = [f"### End to end: Trainer on {model_name}, batch {batch} x {seq} tokens, {steps} steps "
              f"(tokens/s over steps 3..{steps}, median of {repeats} fresh processes)", "",
-             "| --optim | tokens/s | vs adamw_torch_fused |", "|---|---:|---:|"]
+             f"| --optim | tokens/s | vs {names[0]} |", "|---|---:|---:|"]
     for name in names:
         med = statistics.median(results[name])
         lines.append(f"| {name} | {med:,.0f} | {med / base:.3f} |")
+    return "\n".join(lines)
+
+
+# -- cold and warm first steps (kernel build / torch.compile) ----------------------------------------
+
+FIRST_STEP_IMPLEMENTATIONS = ("fused", "compiled")
+
+
+def first_step_child(model_name: str, implementation: str) -> None:
+    """Time the first SlimAdamW step of a fresh process (kernel build or compile included)."""
+    from slimadam_hf import build_slimadam
+
+    model = build_model(model_name, 2, "cpu")
+    opt = build_slimadam(model, "auto", lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, implementation=implementation)
+    start = time.perf_counter()
+    opt.step()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    opt.step()
+    print(json.dumps({"first": first, "second": time.perf_counter() - start}))
+
+
+def first_step_times(model_name: str) -> str:
+    """Cold (empty kernel and inductor caches) and warm (the same caches again) first steps, fresh processes."""
+    import tempfile
+
+    lines = [f"### First step of a fresh process on {model_name}: kernel build / compile", "",
+             "| implementation | cold first step s | warm first step s | second step s |", "|---|---:|---:|---:|"]
+    for impl in FIRST_STEP_IMPLEMENTATIONS:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "SLIMADAM_HF_KERNEL_DIR": os.path.join(cache, "kernels"),
+                   "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
+            cmd = [sys.executable, __file__, "--first-step-child", model_name, impl]
+            runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                               .stdout.strip().splitlines()[-1]) for _ in range(2)]
+        lines.append(f"| {impl} | {runs[0]['first']:.1f} | {runs[1]['first']:.1f} | {runs[1]['second']:.3f} |")
     return "\n".join(lines)
 
 
@@ -418,11 +457,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--trainer-batch", type=int, default=2)
     parser.add_argument("--trainer-seq", type=int, default=128)
     parser.add_argument("--trainer-repeats", type=int, default=3)
+    parser.add_argument("--trainer-optims", nargs="+", default=list(TRAINER_OPTIMS), choices=list(TRAINER_OPTIMS),
+                        help="which --optim settings to run end to end (the first is the baseline)")
+    parser.add_argument("--first-steps", action="store_true",
+                        help="also time the first step of fresh processes, cold and warm caches (fused, compiled)")
+    parser.add_argument("--first-step-child", nargs=2, metavar=("MODEL", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     parser.add_argument("--trainer-child", nargs=2, metavar=("MODEL", "OPTIM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trainer_child:
         trainer_child(*args.trainer_child, args.trainer_steps, args.trainer_batch, args.trainer_seq)
+        return 0
+    if args.first_step_child:
+        first_step_child(*args.first_step_child)
         return 0
 
     if args.threads:
@@ -436,7 +483,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {list(OPTIMIZERS)}")
     if args.smoke:
         args.models, args.repeats, args.warmup = ["tiny"], 2, 0
-        smoke = {"torch AdamW fused", "SlimAdamW foreach", "SlimAdamW foreach, bf16 m", "SlimAdamW foreach, int8 m",
+        smoke = {"torch AdamW fused", "SlimAdamW default", "SlimAdamW foreach", "SlimAdamW foreach, bf16 m", "SlimAdamW foreach, int8 m",
                  "SlimAdamW reference", "torch Adafactor"}
         names = [n for n in names if n in smoke]
     names = [n for n in names if n not in args.skip]
@@ -473,10 +520,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         block = text + "\n\n" + "\n".join(notes) + "\n"
         print(block, flush=True)
         out.append(block)
+    if args.first_steps and args.device == "cpu":
+        for model_name in args.models:
+            block = first_step_times(model_name)
+            print(block, flush=True)
+            out.append(block)
     if args.trainer:
         for model_name in args.models:
             block = trainer_throughput(model_name, args.trainer_steps, args.trainer_batch, args.trainer_seq,
-                                       args.trainer_repeats)
+                                       args.trainer_repeats, args.trainer_optims)
             print(block, flush=True)
             out.append(block)
     if args.output:

@@ -28,9 +28,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
   echo "# bench_step.py on CUDA ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
   timeout 240 "$PYTHON" scripts/bench_step.py --device cuda --models gpt2-124m --repeats 30 --warmup 3 \
-    --skip "SlimAdamW reference"
+    --skip "SlimAdamW reference" "SlimAdamW fused"
   echo
   timeout 300 "$PYTHON" scripts/bench_step.py --device cuda --models llama-1b --llama-layers "$LLAMA_LAYERS" \
-    --repeats 15 --warmup 2 --skip "SlimAdamW reference" "torch AdamW foreach"
+    --repeats 15 --warmup 2 --skip "SlimAdamW reference" "SlimAdamW fused" "torch AdamW foreach"
 } | tee "$OUT"
 echo "wrote $OUT"

@@ -198,7 +198,7 @@ def test_one_dimensional_tensors_cannot_be_compressed():
         SlimAdamW([{"params": [("b", b)], "compress": [(0,)]}])
 
 
-def _trained_opt(foreach=True):
+def _trained_opt(foreach=None):
     model = tiny_model("gpt2")
     opt = build_slimadam(model, lr=1e-3, foreach=foreach)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))

@@ -24,10 +24,16 @@ def test_bench_step_smoke(tmp_path):
     stdout = _run("bench_step.py", "--smoke", "--output", str(md))
     text = md.read_text()
     assert "| torch AdamW fused |" in text and "| SlimAdamW foreach |" in text and "| SlimAdamW reference |" in text
+    assert "| SlimAdamW default |" in text
     row = next(l for l in text.splitlines() if l.startswith("| SlimAdamW foreach, bf16 m |"))
     state_ratio = float(row.split("|")[6])
     assert state_ratio < 0.3  # bf16 first moment + compressed second moment
     assert "Machine:" in stdout
+
+
+def test_bench_step_first_step_child_times_a_fresh_process():
+    first = json.loads(_run("bench_step.py", "--first-step-child", "tiny", "fused").strip().splitlines()[-1])
+    assert first["first"] > 0 and first["second"] > 0
 
 
 def test_bench_quality_smoke(tmp_path):

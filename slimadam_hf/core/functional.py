@@ -27,8 +27,10 @@ Implementations (``implementation=``):
 
 * ``"reference"``: :func:`_single_tensor_slimadamw`, the plain per-tensor oracle the others are tested
   against;
+* ``"fused"``: :func:`slimadam_hf.core.fused.fused_slimadamw`, a C++ kernel for float32 CPU parameters
+  (one pass per row); the default where it builds, the rest of a batch taking ``"foreach"``;
 * ``"foreach"``: :func:`_multi_tensor_slimadamw`, the same math batched with ``torch._foreach_*`` kernels
-  and no full-size temporaries; the eager default;
+  and no full-size temporaries; any device;
 * ``"compiled"``: :func:`slimadam_hf.core.compiled.compiled_slimadamw`, ``torch.compile``-d kernels that
   make each parameter's step a single pass over ``p``, ``g``, ``m``.
 """
@@ -100,7 +102,9 @@ def slimadamw(
     parameter's position in these lists and its step (:mod:`slimadam_hf.core.rounding`); ``None``: to nearest.
     ``exp_avg_sq_complements``: factored second moments where an entry is a tensor (``robust=True``).
     """
-    if implementation == "compiled":
+    if implementation == "fused":
+        impl = _fused_or_foreach
+    elif implementation == "compiled":
         from .compiled import compiled_slimadamw
 
         impl = compiled_slimadamw
@@ -117,6 +121,30 @@ def slimadamw(
         noise_bases(rounding_seed, len(params)), complements,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )
+
+
+def _fused_or_foreach(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    param_segments: Sequence[Sequence[Segment]],
+    second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
+    noise: Sequence[Optional[int]],
+    complements: Sequence[Optional[Complement]],
+    **hyper: float,
+) -> None:
+    """``"fused"``: the parameters the C++ kernel covers through it, the others through foreach."""
+    from .fused import fused_covers, fused_slimadamw
+
+    seqs = (params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise, complements)
+    covered = [fused_covers(p, g, m, v, segs, stats, complement) for p, g, m, v, segs, stats, complement in zip(
+        params, grads, exp_avgs, exp_avg_sqs, param_segments, second_moment_stats, complements)]
+    for impl, keep in ((fused_slimadamw, True), (_multi_tensor_slimadamw, False)):
+        picked = [i for i, c in enumerate(covered) if c == keep]
+        if picked:
+            impl(*([seq[i] for i in picked] for seq in seqs), **hyper)
 
 
 def _single_tensor_slimadamw(

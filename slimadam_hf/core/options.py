@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-IMPLEMENTATIONS = ("foreach", "compiled", "reference")
-"""``SlimAdamW(implementation=...)``: batched eager kernels, ``torch.compile``-d kernels, plain loop."""
+IMPLEMENTATIONS = ("fused", "foreach", "compiled", "reference")
+"""``SlimAdamW(implementation=...)``: C++ CPU kernel, batched eager kernels, ``torch.compile``-d kernels, plain loop."""
 
 AUTO_SNR_PRESET = "auto-snr"
 """``preset="auto-snr"``: probe with full second moments, derive the rules by SNR, compress in place."""
@@ -120,8 +120,9 @@ class SlimAdamConfig:
     weight_decay: float = _option(1e-2, "decoupled weight decay (not on biases and norms)", "float",
                                   training_arg="--weight_decay")
     implementation: Optional[str] = _option(
-        None, "foreach (eager batched kernels; default), compiled (torch.compile, fastest after its first "
-        "step) or reference (plain loop)", "choice", choices=IMPLEMENTATIONS)
+        None, "fused (C++ kernel for float32 CPU weights, the default where it builds), foreach (eager "
+        "batched kernels, any device), compiled (torch.compile) or reference (plain loop)", "choice",
+        choices=IMPLEMENTATIONS)
     momentum_dtype: Optional[str] = _option(
         None, "storage of the first moment: none (the parameter's dtype), float32, bfloat16 (half its memory) "
         "or int8 (block-quantized, about a quarter)", "dtype")
@@ -133,7 +134,7 @@ class SlimAdamConfig:
         "v_rule*v_other/mean(v_rule) (a row and a column scale); holds AdamW's loss at high learning rates for "
         "one extra entry per row/column; off = the paper's algorithm", "bool")
     foreach: Optional[bool] = _option(
-        None, "legacy switch: false = implementation=reference", "bool")
+        None, "legacy switch: true = implementation=foreach, false = implementation=reference", "bool")
     probe_steps: Optional[int] = _option(
         None, "auto-snr: full-Adam steps before the rules are derived and applied (e.g. the warmup)", "int")
     probe_every: Optional[int] = _option(

@@ -19,6 +19,7 @@ from ..core.compress_spec import (
     segments,
 )
 from ..core.functional import UpdateBatch, slimadamw
+from ..core.fused import fused_available
 from ..core import factored, quant
 from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
 from ..distributed import dtensor, zero
@@ -64,9 +65,15 @@ def _as_float(value: float | Tensor) -> float:
 
 
 def _implementation(group: dict[str, Any]) -> str:
+    """The group's implementation; by default the fused CPU kernel where it has float32 CPU parameters and
+    the kernel builds, else foreach (the same update)."""
     if group["implementation"] is not None:
         return group["implementation"]
-    return "reference" if group["foreach"] is False else "foreach"
+    if group["foreach"] is not None:
+        return "foreach" if group["foreach"] else "reference"
+    if any(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"]) and fused_available():
+        return "fused"
+    return "foreach"
 
 
 def _first_moment(state: dict[str, Any], param: Tensor) -> Any:
@@ -89,11 +96,14 @@ class SlimAdamW(Optimizer):
         betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator, outside the square root, as in AdamW.
         weight_decay: decoupled weight decay, as in AdamW.
-        foreach: ``True``/``None`` use the batched multi-tensor implementation, ``False`` the plain
-            per-tensor reference (kept for compatibility; ``implementation`` says more).
-        implementation: ``"foreach"`` (eager, batched ``torch._foreach_*`` kernels; the default),
-            ``"compiled"`` (``torch.compile``-d fused kernels, fastest, compiles on first step; needs a
-            C++ compiler on CPU or Triton on GPU) or ``"reference"`` (plain per-tensor loop).
+        foreach: ``True`` is ``implementation="foreach"``, ``False`` ``"reference"`` (kept for
+            compatibility; ``implementation`` says more).
+        implementation: ``None`` (the default): ``"fused"`` for float32 CPU parameters when its kernel
+            builds, else ``"foreach"``. ``"fused"``: a C++ kernel for float32 CPU parameters, one pass per
+            row (built on first use, about 3 s, cached per machine; needs a C++ compiler); other parameters
+            take the foreach path. ``"foreach"``: eager, batched ``torch._foreach_*`` kernels, any device.
+            ``"compiled"``: ``torch.compile``-d kernels per parameter (compiles on first step; a C++
+            compiler on CPU or Triton on GPU). ``"reference"``: plain per-tensor loop.
         momentum_dtype: storage of the first moment ``exp_avg``: ``None`` (the parameter's dtype),
             ``torch.bfloat16`` / ``"bfloat16"`` (half the first-moment memory; updated in float32 and
             rounded) or ``"int8"`` (block-quantized codes and scales, :mod:`slimadam_hf.core.quant`).

@@ -1,0 +1,160 @@
+// The SlimAdamW step for float32 CPU parameters, one C call per block of rows.
+//
+// A block is `rows` rows of `ld` floats (its row stride) in the parameter, its gradient and its first
+// moment, cut along the columns into segments: [col_start, col_start + ncols) with its own second
+// moment at v + v_offset, of one of four kinds:
+//   FULL (0): ncols entries per row, exactly AdamW;
+//   ROWS (1): one entry per row, the mean of g**2 over the segment's part of the row;
+//   COLS (2): one entry per column, the mean of g**2 over the column;
+//   ALL  (3): one entry, the mean of g**2 over the segment.
+// Per element, with the entry's factor f = neg_step_size / (sqrt(v) / bc2_sqrt + eps):
+//   m <- lerp(m, g, 1 - beta1);  p <- p * decay + f * m
+// One pass over the rows does everything while a row is in cache (a ROWS segment sums its part of the
+// row, then updates it), so p, g and m are read from memory once. COLS and ALL segments need every row's
+// statistic first: one pass before reads their part of g.
+// FULL rounds each operation as torch.optim.AdamW does (built with -ffp-contract=off: no implicit fused
+// multiply-adds; the one in lerp is torch's own).
+// Called through ctypes from slimadam_hf/core/fused.py; threads are ATen's intra-op pool.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum Kind : int32_t { kFull = 0, kRows = 1, kCols = 2, kAll = 3 };
+
+struct Hyper {
+  float decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
+};
+
+inline float factor(float v, const Hyper& h) {
+  return h.neg_step_size / (std::sqrt(v) / h.bias_correction2_sqrt + h.eps);
+}
+
+// torch's lerp as its vectorized CPU kernel computes it (one fused multiply-add from the nearer end)
+inline float lerp(float start, float end, float weight) {
+  return std::abs(weight) < 0.5f ? std::fma(weight, end - start, start) : std::fma(weight - 1.f, end - start, end);
+}
+
+inline float sum_of_squares(const float* __restrict g, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += g[j] * g[j];
+  return s;
+}
+
+// m and p of one row's segment, with one factor (f_row) or one per column (f_cols)
+inline void update(float* __restrict p, const float* __restrict g, float* __restrict m, int64_t n, float f_row,
+                   const float* __restrict f_cols, const Hyper& h) {
+  const float w = h.one_minus_beta1, decay = h.decay;
+  if (f_cols == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float mj = lerp(m[j], g[j], w);
+      m[j] = mj;
+      p[j] = p[j] * decay + f_row * mj;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float mj = lerp(m[j], g[j], w);
+      m[j] = mj;
+      p[j] = p[j] * decay + f_cols[j] * mj;
+    }
+  }
+}
+
+// torch.optim.AdamW's operations on one row's segment, rounded in its order
+inline void update_full(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                        int64_t n, const Hyper& h) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j] * h.decay;
+    const float mj = lerp(m[j], g[j], h.one_minus_beta1);
+    const float vj = v[j] * h.beta2 + h.one_minus_beta2 * g[j] * g[j];
+    m[j] = mj;
+    v[j] = vj;
+    p[j] = pj + h.neg_step_size * mj / (std::sqrt(vj) / h.bias_correction2_sqrt + h.eps);
+  }
+}
+
+}  // namespace
+
+extern "C" void slimadamw_block(float* p, const float* g, float* m, float* v, int64_t rows, int64_t ld,
+                                int32_t nseg, const int64_t* col_start, const int64_t* ncols, const int32_t* kinds,
+                                const int64_t* v_offset, float decay, float one_minus_beta1, float beta2,
+                                float one_minus_beta2, float neg_step_size, float bias_correction2_sqrt,
+                                float eps) {
+  const Hyper h{decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps};
+  if (rows <= 0 || ld <= 0) return;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / ld);
+
+  // COLS and ALL segments: column sums of g**2 over every row (one accumulator row per task), then one
+  // factor per column of theirs
+  std::vector<float> f_cols;
+  bool whole_column = false;
+  for (int32_t s = 0; s < nseg; ++s) whole_column |= kinds[s] == kCols || kinds[s] == kAll;
+  if (whole_column) {
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / grain));
+    std::vector<float> acc(tasks * ld, 0.f);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        float* a = acc.data() + t * ld;
+        for (int64_t r = rows * t / tasks; r < rows * (t + 1) / tasks; ++r) {
+          for (int32_t s = 0; s < nseg; ++s) {
+            if (kinds[s] != kCols && kinds[s] != kAll) continue;
+            float* __restrict as = a + col_start[s];
+            const float* __restrict gr = g + r * ld + col_start[s];
+#pragma omp simd
+            for (int64_t j = 0; j < ncols[s]; ++j) as[j] += gr[j] * gr[j];
+          }
+        }
+      }
+    });
+    f_cols.assign(ld, 0.f);
+    for (int32_t s = 0; s < nseg; ++s) {
+      if (kinds[s] != kCols && kinds[s] != kAll) continue;
+      float* vs = v + v_offset[s];
+      std::vector<float> sums(ncols[s], 0.f);
+      for (int64_t t = 0; t < tasks; ++t)
+        for (int64_t j = 0; j < ncols[s]; ++j) sums[j] += acc[t * ld + col_start[s] + j];
+      if (kinds[s] == kCols) {
+        for (int64_t j = 0; j < ncols[s]; ++j) {
+          vs[j] = vs[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
+          f_cols[col_start[s] + j] = factor(vs[j], h);
+        }
+      } else {
+        double total = 0.0;
+        for (float x : sums) total += x;
+        vs[0] = vs[0] * h.beta2 + h.one_minus_beta2 * static_cast<float>(total / (static_cast<double>(rows) * ncols[s]));
+        std::fill_n(f_cols.begin() + col_start[s], ncols[s], factor(vs[0], h));
+      }
+    }
+  }
+
+  // every row once: each segment's statistic (ROWS) and update while the row is in cache
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int32_t s = 0; s < nseg; ++s) {
+        const int64_t at = r * ld + col_start[s], n = ncols[s];
+        switch (kinds[s]) {
+          case kFull:
+            update_full(p + at, g + at, m + at, v + v_offset[s] + r * n, n, h);
+            break;
+          case kRows: {
+            float& vr = v[v_offset[s] + r];
+            vr = vr * h.beta2 + h.one_minus_beta2 * (sum_of_squares(g + at, n) / static_cast<float>(n));
+            update(p + at, g + at, m + at, n, factor(vr, h), nullptr, h);
+            break;
+          }
+          default:
+            update(p + at, g + at, m + at, n, 0.f, f_cols.data() + col_start[s], h);
+        }
+      }
+    }
+  });
+}
