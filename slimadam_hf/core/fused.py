@@ -37,7 +37,7 @@ from torch import Tensor
 from .compress_spec import Segment
 from .factored import Complement
 
-__all__ = ["fused_slimadamw", "fused_covers", "fused_available", "build_seconds", "FusedUnavailableError"]
+__all__ = ["fused_slimadamw", "fused_covers", "fused_available", "FusedUnavailableError"]
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "slimadamw.cpp"
@@ -52,7 +52,6 @@ _CFLAGS = [
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
-_build_seconds: Optional[float] = None
 _failure: Optional[FusedUnavailableError] = None
 _warned = False
 
@@ -75,7 +74,7 @@ def _build_directory() -> Path:
 
 
 def _load() -> ctypes.CDLL:
-    global _library, _build_seconds, _failure
+    global _library, _failure
     with _lock:
         if _library is not None:
             return _library
@@ -104,9 +103,9 @@ def _load() -> ctypes.CDLL:
         fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int32]
                        + [ctypes.POINTER(ctypes.c_int64)] * 2 + [ctypes.POINTER(ctypes.c_int32)]
                        + [ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_float] * 7)
-        _build_seconds = time.perf_counter() - start
         _library = library
-        logger.info("fused CPU kernel ready in %.1f s (built or loaded from %s)", _build_seconds, directory)
+        logger.info("fused CPU kernel ready in %.1f s (built or loaded from %s)", time.perf_counter() - start,
+                    directory)
         return library
 
 
@@ -122,11 +121,6 @@ def fused_available() -> bool:
                           stacklevel=3)
         return False
     return True
-
-
-def build_seconds() -> Optional[float]:
-    """Seconds this process spent building or loading the kernel (``None`` before first use)."""
-    return _build_seconds
 
 
 @dataclass(frozen=True)
