@@ -35,11 +35,11 @@ def _run(opt, params, steps=60, zero_every=0):
     return params
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "reference"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-def test_uncompressed_matches_torch_adamw(foreach, dtype, rtol):
+def test_uncompressed_matches_torch_adamw(implementation, dtype, rtol):
     ours, ref = _params(dtype), _params(dtype)
-    _run(SlimAdamW(ours, foreach=foreach, **HYPER), ours, zero_every=7)
+    _run(SlimAdamW(ours, implementation=implementation, **HYPER), ours, zero_every=7)
     _run(torch.optim.AdamW(ref, foreach=False, **HYPER), ref, zero_every=7)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-2)
