@@ -155,6 +155,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "SlimAdamW compiled, bf16 m": _slim("compiled", torch.bfloat16),
     "SlimAdamW default": _slim(None),
     "SlimAdamW fused": _slim("fused"),
+    "SlimAdamW default, bf16 m": _slim(None, torch.bfloat16),
     "SlimAdamW foreach": _slim("foreach"),
     "SlimAdamW foreach, bf16 m": _slim("foreach", torch.bfloat16),
     "SlimAdamW foreach, int8 m": _slim("foreach", "int8"),

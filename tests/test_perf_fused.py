@@ -36,11 +36,11 @@ def _grads(shapes, steps, seed=1):
     return [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(steps)]
 
 
-def _train(cases, implementation, dtype, grads, **hyper):
+def _train(cases, implementation, dtype, grads, **options):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)) for shape, _ in cases]
     opt = SlimAdamW([{"params": params, "compress": [spec for _, spec in cases]}], implementation=implementation,
-                    **(hyper or HYPER))
+                    **{**HYPER, **options})
     for step_grads in grads:
         for p, grad in zip(params, step_grads):
             p.grad = grad.to(dtype)
@@ -53,7 +53,7 @@ def test_fused_covers_every_case():
     for shape, spec in CASES:
         p = torch.zeros(shape)
         v = torch.zeros(second_moment_shape(spec, shape))
-        assert fused.fused_covers(p, p, p, v, cached_segments(spec, shape), None, None), (shape, spec)
+        assert fused.fused_covers(p, p, p, v, cached_segments(spec, shape), None, None, None), (shape, spec)
 
 
 def test_fused_equals_float64_math():
@@ -70,6 +70,25 @@ def test_fused_equals_float64_math():
         torch.testing.assert_close(sa["exp_avg"].double(), sb["exp_avg"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sa["exp_avg_sq"].double(), sb["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         assert sa["step"].item() == sb["step"].item() == steps
+
+
+def test_fused_bf16_momentum_equals_the_reference():
+    """A bfloat16 first moment (rounded to nearest, the stored value driving the update) in the kernel,
+    against the reference path with the same storage; stochastic rounding stays with foreach."""
+    steps = 6
+    grads = _grads([shape for shape, _ in CASES], steps)
+    fast, opt_fast = _train(CASES, "fused", torch.float32, grads, momentum_dtype="bfloat16")
+    ref, opt_ref = _train(CASES, "reference", torch.float32, grads, momentum_dtype="bfloat16")
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        sa, sb = opt_fast.state[a], opt_ref.state[b]
+        assert sa["exp_avg"].dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"case {i}: {m}")
+        torch.testing.assert_close(sa["exp_avg"].float(), sb["exp_avg"].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    p, v = torch.zeros(4, 4), torch.zeros(4, 1)
+    m = torch.zeros(4, 4, dtype=torch.bfloat16)
+    assert fused.fused_covers(p, p, m, v, cached_segments((1,), p.shape), None, None, None)
+    assert not fused.fused_covers(p, p, m, v, cached_segments((1,), p.shape), None, 12345, None)  # stochastic
 
 
 def test_fused_uncompressed_matches_torch_adamw():
@@ -93,12 +112,12 @@ def test_fused_hands_uncovered_parameters_to_foreach():
     cases = [((300, 257), (1,)), ((4, 3, 2), (0, 2))]
     grads = _grads([shape for shape, _ in cases], 4)
     p = torch.zeros(4, 3, 2)
-    assert not fused.fused_covers(p, p, p, p, cached_segments((0, 2), p.shape), None, None)
+    assert not fused.fused_covers(p, p, p, p, cached_segments((0, 2), p.shape), None, None, None)
     a, _ = _train(cases, "fused", torch.float32, grads)
     b, _ = _train(cases, "foreach", torch.float32, grads)
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
     t = p.transpose(0, 1)
-    assert not fused.fused_covers(t, t, t, torch.zeros(3, 1, 1), cached_segments((1, 2), t.shape), None, None)
+    assert not fused.fused_covers(t, t, t, torch.zeros(3, 1, 1), cached_segments((1, 2), t.shape), None, None, None)
 
 
 def test_default_is_fused_for_float32_cpu_and_foreach_otherwise():

@@ -139,8 +139,8 @@ def _fused_or_foreach(
     from .fused import fused_covers, fused_slimadamw
 
     seqs = (params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise, complements)
-    covered = [fused_covers(p, g, m, v, segs, stats, complement) for p, g, m, v, segs, stats, complement in zip(
-        params, grads, exp_avgs, exp_avg_sqs, param_segments, second_moment_stats, complements)]
+    covered = [fused_covers(*args) for args in zip(
+        params, grads, exp_avgs, exp_avg_sqs, param_segments, second_moment_stats, noise, complements)]
     for impl, keep in ((fused_slimadamw, True), (_multi_tensor_slimadamw, False)):
         picked = [i for i, c in enumerate(covered) if c == keep]
         if picked:

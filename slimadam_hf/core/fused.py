@@ -10,7 +10,8 @@ writes a full ``v``. The kernel (``csrc/slimadamw.cpp``) is built on first use w
 
 Parameters the kernel does not cover take the eager foreach path in the same step, with the same math
 (:func:`fused_covers`; :func:`slimadam_hf.core.functional.slimadamw` splits the batch): other dtypes or
-devices, non-contiguous tensors, a first moment stored in another dtype, statistics handed in by a
+devices, non-contiguous tensors, a first moment stored in int8 or rounded stochastically (a bfloat16 one
+rounded to nearest is covered), statistics handed in by a
 distributed step (FSDP2, ZeRO), ``robust=True``, and dims that are neither per row, per column, all nor
 none of the parameter seen as ``(shape[0], -1)``.
 """
@@ -100,7 +101,7 @@ def _load() -> ctypes.CDLL:
         library = ctypes.CDLL(path)
         fn = library.slimadamw_block
         fn.restype = None
-        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int32]
+        fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int32, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int32]
                        + [ctypes.POINTER(ctypes.c_int64)] * 2 + [ctypes.POINTER(ctypes.c_int32)]
                        + [ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_float] * 7)
         _library = library
@@ -176,13 +177,13 @@ def _calls(shape: tuple[int, ...], segs: tuple[Segment, ...]) -> Optional[tuple[
 
 
 def fused_covers(param: Tensor, grad: Tensor, exp_avg: object, exp_avg_sq: Tensor, segs: Sequence[Segment],
-                 stats: object, complement: object) -> bool:
+                 stats: object, noise_base: Optional[int], complement: object) -> bool:
     """Whether the kernel can step this parameter (see the module doc for what it leaves to foreach)."""
     return (
         param.device.type == "cpu"
         and param.dtype == torch.float32
         and type(exp_avg) is Tensor
-        and exp_avg.dtype == torch.float32
+        and (exp_avg.dtype == torch.float32 or (exp_avg.dtype == torch.bfloat16 and noise_base is None))
         and grad.dtype == torch.float32
         and exp_avg_sq.dtype == torch.float32
         and all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
@@ -212,8 +213,8 @@ def fused_slimadamw(
     weight_decay: float,
 ) -> None:
     """The contract of :func:`slimadam_hf.core.functional.slimadamw` for parameters that :func:`fused_covers`
-    (their ``second_moment_stats`` and ``complements`` are ``None``; ``noise`` is unused: a float32 first
-    moment is never rounded)."""
+    (their ``second_moment_stats`` and ``complements`` are ``None``, and ``noise`` too for a bfloat16 first
+    moment: it is rounded to nearest)."""
     kernel = _load().slimadamw_block
     torch._foreach_add_(list(state_steps), 1)
     for param, grad, exp_avg, exp_avg_sq, step_t, segs in zip(
@@ -223,7 +224,7 @@ def fused_slimadamw(
         hyper = (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step),
                  (1 - beta2**step) ** 0.5, eps)
         p, g, m, v = param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr()
+        bf16 = exp_avg.dtype == torch.bfloat16
         for c in _calls(tuple(param.shape), tuple(segs)):
-            shift = 4 * c.offset  # float32 bytes
-            kernel(p + shift, g + shift, m + shift, v, c.rows, c.ld, c.nseg, c.col_start, c.ncols, c.kinds,
-                   c.v_offset, *hyper)
+            kernel(p + 4 * c.offset, g + 4 * c.offset, m + exp_avg.element_size() * c.offset, bf16, v, c.rows, c.ld,
+                   c.nseg, c.col_start, c.ncols, c.kinds, c.v_offset, *hyper)

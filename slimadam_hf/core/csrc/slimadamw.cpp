@@ -1,7 +1,7 @@
 // The SlimAdamW step for float32 CPU parameters, one C call per block of rows.
 //
-// A block is `rows` rows of `ld` floats (its row stride) in the parameter, its gradient and its first
-// moment, cut along the columns into segments: [col_start, col_start + ncols) with its own second
+// A block is `rows` rows of `ld` values (its row stride) in the parameter, its gradient and its first
+// moment (float32, or bfloat16 rounded to nearest), cut along the columns into segments: [col_start, col_start + ncols) with its own second
 // moment at v + v_offset, of one of four kinds:
 //   FULL (0): ncols entries per row, exactly AdamW;
 //   ROWS (1): one entry per row, the mean of g**2 over the segment's part of the row;
@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -40,6 +41,26 @@ inline float lerp(float start, float end, float weight) {
   return std::abs(weight) < 0.5f ? std::fma(weight, end - start, start) : std::fma(weight - 1.f, end - start, end);
 }
 
+// The first moment is float32 or bfloat16 (its bits, rounded to nearest even as torch rounds; the stored
+// value drives the update, as in the reference).
+inline float load(const float* m, int64_t j) { return m[j]; }
+inline float load(const uint16_t* m, int64_t j) {
+  const uint32_t bits = static_cast<uint32_t>(m[j]) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+inline float store(float* m, int64_t j, float x) {
+  m[j] = x;
+  return x;
+}
+inline float store(uint16_t* m, int64_t j, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  m[j] = std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return load(m, j);
+}
+
 inline float sum_of_squares(const float* __restrict g, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -48,48 +69,43 @@ inline float sum_of_squares(const float* __restrict g, int64_t n) {
 }
 
 // m and p of one row's segment, with one factor (f_row) or one per column (f_cols)
-inline void update(float* __restrict p, const float* __restrict g, float* __restrict m, int64_t n, float f_row,
+template <typename M>
+inline void update(float* __restrict p, const float* __restrict g, M* __restrict m, int64_t n, float f_row,
                    const float* __restrict f_cols, const Hyper& h) {
   const float w = h.one_minus_beta1, decay = h.decay;
   if (f_cols == nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float mj = lerp(m[j], g[j], w);
-      m[j] = mj;
+      const float mj = store(m, j, lerp(load(m, j), g[j], w));
       p[j] = p[j] * decay + f_row * mj;
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float mj = lerp(m[j], g[j], w);
-      m[j] = mj;
+      const float mj = store(m, j, lerp(load(m, j), g[j], w));
       p[j] = p[j] * decay + f_cols[j] * mj;
     }
   }
 }
 
 // torch.optim.AdamW's operations on one row's segment, rounded in its order
-inline void update_full(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+template <typename M>
+inline void update_full(float* __restrict p, const float* __restrict g, M* __restrict m, float* __restrict v,
                         int64_t n, const Hyper& h) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float pj = p[j] * h.decay;
-    const float mj = lerp(m[j], g[j], h.one_minus_beta1);
+    const float mj = store(m, j, lerp(load(m, j), g[j], h.one_minus_beta1));
     const float vj = v[j] * h.beta2 + h.one_minus_beta2 * g[j] * g[j];
-    m[j] = mj;
     v[j] = vj;
     p[j] = pj + h.neg_step_size * mj / (std::sqrt(vj) / h.bias_correction2_sqrt + h.eps);
   }
 }
 
-}  // namespace
-
-extern "C" void slimadamw_block(float* p, const float* g, float* m, float* v, int64_t rows, int64_t ld,
-                                int32_t nseg, const int64_t* col_start, const int64_t* ncols, const int32_t* kinds,
-                                const int64_t* v_offset, float decay, float one_minus_beta1, float beta2,
-                                float one_minus_beta2, float neg_step_size, float bias_correction2_sqrt,
-                                float eps) {
-  const Hyper h{decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps};
+template <typename M>
+void step_block(float* p, const float* g, M* m, float* v, int64_t rows, int64_t ld, int32_t nseg,
+                const int64_t* col_start, const int64_t* ncols, const int32_t* kinds, const int64_t* v_offset,
+                const Hyper& h) {
   if (rows <= 0 || ld <= 0) return;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / ld);
 
@@ -157,4 +173,19 @@ extern "C" void slimadamw_block(float* p, const float* g, float* m, float* v, in
       }
     }
   });
+}
+
+}  // namespace
+
+// m: float32, or bfloat16 when momentum_bf16 is set
+extern "C" void slimadamw_block(float* p, const float* g, void* m, int32_t momentum_bf16, float* v, int64_t rows,
+                                int64_t ld, int32_t nseg, const int64_t* col_start, const int64_t* ncols,
+                                const int32_t* kinds, const int64_t* v_offset, float decay, float one_minus_beta1,
+                                float beta2, float one_minus_beta2, float neg_step_size, float bias_correction2_sqrt,
+                                float eps) {
+  const Hyper h{decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps};
+  if (momentum_bf16)
+    step_block(p, g, static_cast<uint16_t*>(m), v, rows, ld, nseg, col_start, ncols, kinds, v_offset, h);
+  else
+    step_block(p, g, static_cast<float*>(m), v, rows, ld, nseg, col_start, ncols, kinds, v_offset, h);
 }
