@@ -17,7 +17,7 @@ from slimadam_hf.core.compress_spec import cached_segments, second_moment_shape
 from slimadam_hf.optim.optimizer import _implementation
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-# every kind of segment the kernel has, in the layouts a transformer gives it; sizes above the kernel's
+# every kind of segment the kernel has, in the layouts a transformer gives it; most sizes above the kernel's
 # per-task grain (32768 elements) so the rows are split across threads
 CASES = [
     ((300, 257), (1,)),  # one second moment per row
