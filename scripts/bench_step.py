@@ -369,10 +369,8 @@ FIRST_STEP_IMPLEMENTATIONS = ("fused", "compiled")
 
 def first_step_child(model_name: str, implementation: str) -> None:
     """Time the first SlimAdamW step of a fresh process (kernel build or compile included)."""
-    from slimadam_hf import build_slimadam
-
     model = build_model(model_name, 2, "cpu")
-    opt = build_slimadam(model, "auto", lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, implementation=implementation)
+    opt = _slim(implementation)(model)
     start = time.perf_counter()
     opt.step()
     first = time.perf_counter() - start

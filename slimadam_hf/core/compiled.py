@@ -29,6 +29,7 @@ from .compress_spec import Segment
 from .factored import Complement
 from .quant import QuantizedMomentum
 from .rounding import lerp_low_precision_, noise_key
+from .step_scalars import step_scalars
 
 __all__ = ["compiled_slimadamw", "compile_stats", "CompileUnavailableError"]
 
@@ -166,7 +167,6 @@ def compiled_slimadamw(
 ) -> None:
     """Same contract as :func:`slimadam_hf.core.functional.slimadamw`, one compiled call per parameter."""
     torch._foreach_add_(list(state_steps), 1)
-    decay = 1 - lr * weight_decay
     scalar_tensors: dict[tuple, Tensor] = {}
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
         for param, grad, exp_avg, exp_avg_sq, step_t, segs, stats, base, complement in zip(
@@ -190,7 +190,7 @@ def compiled_slimadamw(
                 None if complement is None else _signature(complement.tensor),
                 None if complement is None or complement.stats is None else tuple(map(_signature, complement.stats)),
             )
-            values = (decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps)
+            values = step_scalars(step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
             scalars = scalar_tensors.get((values, param.device, exp_avg_sq.dtype))
             if scalars is None:
                 scalars = torch.tensor(values, dtype=exp_avg_sq.dtype, device=param.device)

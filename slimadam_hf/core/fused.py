@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .compress_spec import Segment
 from .factored import Complement
+from .step_scalars import step_scalars
 
 __all__ = ["fused_slimadamw", "fused_covers", "fused_available", "FusedUnavailableError"]
 
@@ -220,9 +221,7 @@ def fused_slimadamw(
     for param, grad, exp_avg, exp_avg_sq, step_t, segs in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments
     ):
-        step = step_t.item()
-        hyper = (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1**step),
-                 (1 - beta2**step) ** 0.5, eps)
+        hyper = step_scalars(step_t.item(), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         p, g, m, v = param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr()
         bf16 = exp_avg.dtype == torch.bfloat16
         for c in _calls(tuple(param.shape), tuple(segs)):
