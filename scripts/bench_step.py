@@ -100,13 +100,14 @@ class Skip(Exception):
     """An optional baseline that cannot run here (package missing or unsupported device)."""
 
 
-def _slim(impl: Optional[str], momentum_dtype: Optional[torch.dtype | str] = None) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def _slim(impl: Optional[str], momentum_dtype: Optional[torch.dtype | str] = None,
+          robust: bool = False) -> Callable[[nn.Module], torch.optim.Optimizer]:
     def make(model: nn.Module) -> torch.optim.Optimizer:
         from slimadam_hf import build_slimadam
 
         return build_slimadam(
             model, "auto", lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, implementation=impl,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, robust=robust,
         )
 
     return make
@@ -156,6 +157,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "SlimAdamW default": _slim(None),
     "SlimAdamW fused": _slim("fused"),
     "SlimAdamW default, bf16 m": _slim(None, torch.bfloat16),
+    "SlimAdamW default, robust": _slim(None, robust=True),
+    "SlimAdamW foreach, robust": _slim("foreach", robust=True),
     "SlimAdamW foreach": _slim("foreach"),
     "SlimAdamW foreach, bf16 m": _slim("foreach", torch.bfloat16),
     "SlimAdamW foreach, int8 m": _slim("foreach", "int8"),
@@ -482,8 +485,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {list(OPTIMIZERS)}")
     if args.smoke:
         args.models, args.repeats, args.warmup = ["tiny"], 2, 0
-        smoke = {"torch AdamW fused", "SlimAdamW default", "SlimAdamW foreach", "SlimAdamW foreach, bf16 m", "SlimAdamW foreach, int8 m",
-                 "SlimAdamW reference", "torch Adafactor"}
+        smoke = {"torch AdamW fused", "SlimAdamW default", "SlimAdamW default, robust", "SlimAdamW foreach",
+                 "SlimAdamW foreach, bf16 m", "SlimAdamW foreach, int8 m", "SlimAdamW reference", "torch Adafactor"}
         names = [n for n in names if n in smoke]
     names = [n for n in names if n not in args.skip]
     if names[0] != "torch AdamW fused" and "torch AdamW fused" not in args.skip:

@@ -14,6 +14,7 @@ import torch
 from slimadam_hf import SlimAdamW
 from slimadam_hf.core import fused
 from slimadam_hf.core.compress_spec import cached_segments, second_moment_shape
+from slimadam_hf.core.factored import Complement, complement_shape
 from slimadam_hf.optim.optimizer import _implementation
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -49,19 +50,29 @@ def _train(cases, implementation, dtype, grads, **options):
 
 
 def test_fused_covers_every_case():
-    """Guards the tests below: each case must really run in the kernel, not fall back to foreach."""
+    """Guards the tests below: each case must really run in the kernel, not fall back to foreach, with and
+    without robust=True's complement (every per-row and per-column segment of CASES is factored)."""
+    factored = 0
     for shape, spec in CASES:
         p = torch.zeros(shape)
         v = torch.zeros(second_moment_shape(spec, shape))
-        assert fused.fused_covers(p, p, p, v, cached_segments(spec, shape), None, None, None), (shape, spec)
+        segs = cached_segments(spec, shape)
+        assert fused.fused_covers(p, p, p, v, segs, None, None, None), (shape, spec)
+        w_shape = complement_shape(segs, shape)
+        if w_shape is not None:
+            complement = Complement.of(torch.zeros(w_shape), segs, shape)
+            assert fused.fused_covers(p, p, p, v, segs, None, None, complement), (shape, spec)
+            factored += sum(c is not None for c in complement.segments)
+    assert factored == 8
 
 
-def test_fused_equals_float64_math():
+@pytest.mark.parametrize("robust", [False, True], ids=["paper", "robust"])
+def test_fused_equals_float64_math(robust):
     steps = 8
     grads = _grads([shape for shape, _ in CASES], steps)
-    fast, opt_fast = _train(CASES, "fused", torch.float32, grads)
-    exact, opt_exact = _train(CASES, "reference", torch.float64, grads)
-    start, _ = _train(CASES, "reference", torch.float64, [])
+    fast, opt_fast = _train(CASES, "fused", torch.float32, grads, robust=robust)
+    exact, opt_exact = _train(CASES, "reference", torch.float64, grads, robust=robust)
+    start, _ = _train(CASES, "reference", torch.float64, [], robust=robust)
     for i, (a, b, b0) in enumerate(zip(fast, exact, start)):
         moved = (b - b0).abs()  # the tolerance must be well below what the steps moved
         assert (moved > 3 * (1e-6 + 1e-5 * b0.abs())).double().mean() > 0.5, i
@@ -70,6 +81,10 @@ def test_fused_equals_float64_math():
         torch.testing.assert_close(sa["exp_avg"].double(), sb["exp_avg"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sa["exp_avg_sq"].double(), sb["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         assert sa["step"].item() == sb["step"].item() == steps
+        assert ("exp_avg_sq_complement" in sa) == ("exp_avg_sq_complement" in sb) == (robust and i not in (2, 3, 7))
+        if "exp_avg_sq_complement" in sa:
+            torch.testing.assert_close(sa["exp_avg_sq_complement"].double(), sb["exp_avg_sq_complement"], rtol=1e-5,
+                                       atol=1e-9)
 
 
 def test_fused_bf16_momentum_equals_the_reference():

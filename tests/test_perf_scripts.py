@@ -24,7 +24,7 @@ def test_bench_step_smoke(tmp_path):
     stdout = _run("bench_step.py", "--smoke", "--output", str(md))
     text = md.read_text()
     assert "| torch AdamW fused |" in text and "| SlimAdamW foreach |" in text and "| SlimAdamW reference |" in text
-    assert "| SlimAdamW default |" in text
+    assert "| SlimAdamW default |" in text and "| SlimAdamW default, robust |" in text
     row = next(l for l in text.splitlines() if l.startswith("| SlimAdamW foreach, bf16 m |"))
     state_ratio = float(row.split("|")[6])
     assert state_ratio < 0.3  # bf16 first moment + compressed second moment
@@ -34,6 +34,14 @@ def test_bench_step_smoke(tmp_path):
 def test_bench_step_first_step_child_times_a_fresh_process():
     first = json.loads(_run("bench_step.py", "--first-step-child", "tiny", "fused").strip().splitlines()[-1])
     assert first["first"] > 0 and first["second"] > 0
+
+
+def test_bench_compile_scope_smoke(tmp_path):
+    """The one-graph-per-group experiment compiles and steps a tiny GPT-2 in a fresh process."""
+    md = tmp_path / "scope.md"
+    _run("bench_compile_scope.py", "--smoke", "--output", str(md))
+    row = next(l for l in md.read_text().splitlines() if l.startswith("| SlimAdamW compiled, one graph per group |"))
+    assert float(row.split("|")[5]) > 0  # step ms
 
 
 def test_bench_quality_smoke(tmp_path):

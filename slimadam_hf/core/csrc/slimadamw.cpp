@@ -6,12 +6,17 @@
 //   FULL (0): ncols entries per row, exactly AdamW;
 //   ROWS (1): one entry per row, the mean of g**2 over the segment's part of the row;
 //   COLS (2): one entry per column, the mean of g**2 over the column;
-//   ALL  (3): one entry, the mean of g**2 over the segment.
-// Per element, with the entry's factor f = neg_step_size / (sqrt(v) / bc2_sqrt + eps):
+//   ALL  (3): one entry, the mean of g**2 over the segment;
+//   ROWS_FACTORED (4), COLS_FACTORED (5): ROWS or COLS with robust=True's factored second moment
+//     (slimadam_hf/core/factored.py): the complement w at w + w_offset keeps the mean over the other dim
+//     (one entry per column, or per row), and sqrt(v_hat) / bc2_sqrt = a * b with
+//     a = sqrt(v) / bc2_sqrt, b = sqrt(w / mean(w)).
+// Per element, with the entry's factor f = neg_step_size / (sqrt(v) / bc2_sqrt + eps), factored
+// f = neg_step_size / (a * b + eps):
 //   m <- lerp(m, g, 1 - beta1);  p <- p * decay + f * m
 // One pass over the rows does everything while a row is in cache (a ROWS segment sums its part of the
-// row, then updates it), so p, g and m are read from memory once. COLS and ALL segments need every row's
-// statistic first: one pass before reads their part of g.
+// row, then updates it), so p, g and m are read from memory once. COLS, ALL and factored segments need
+// every row's statistic first: one pass before reads their part of g.
 // FULL rounds each operation as torch.optim.AdamW does (built with -ffp-contract=off: no implicit fused
 // multiply-adds; the one in lerp is torch's own).
 // Called through ctypes from slimadam_hf/core/fused.py; threads are ATen's intra-op pool.
@@ -22,11 +27,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
 
-enum Kind : int32_t { kFull = 0, kRows = 1, kCols = 2, kAll = 3 };
+enum Kind : int32_t { kFull = 0, kRows = 1, kCols = 2, kAll = 3, kRowsFactored = 4, kColsFactored = 5 };
+
+inline bool needs_column_sums(int32_t kind) { return kind != kFull && kind != kRows; }
 
 struct Hyper {
   float decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
@@ -88,6 +96,18 @@ inline void update(float* __restrict p, const float* __restrict g, M* __restrict
   }
 }
 
+// m and p of one row's factored segment: f = neg_step_size / (row_scale * col_scale[j] + eps)
+template <typename M>
+inline void update_factored(float* __restrict p, const float* __restrict g, M* __restrict m, int64_t n,
+                            float row_scale, const float* __restrict col_scale, const Hyper& h) {
+  const float w = h.one_minus_beta1, decay = h.decay;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float mj = store(m, j, lerp(load(m, j), g[j], w));
+    p[j] = p[j] * decay + h.neg_step_size / (row_scale * col_scale[j] + h.eps) * mj;
+  }
+}
+
 // torch.optim.AdamW's operations on one row's segment, rounded in its order
 template <typename M>
 inline void update_full(float* __restrict p, const float* __restrict g, M* __restrict m, float* __restrict v,
@@ -103,37 +123,45 @@ inline void update_full(float* __restrict p, const float* __restrict g, M* __res
 }
 
 template <typename M>
-void step_block(float* p, const float* g, M* m, float* v, int64_t rows, int64_t ld, int32_t nseg,
+void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows, int64_t ld, int32_t nseg,
                 const int64_t* col_start, const int64_t* ncols, const int32_t* kinds, const int64_t* v_offset,
-                const Hyper& h) {
+                const int64_t* w_offset, const Hyper& h) {
   if (rows <= 0 || ld <= 0) return;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / ld);
 
-  // COLS and ALL segments: column sums of g**2 over every row (one accumulator row per task), then one
-  // factor per column of theirs
-  std::vector<float> f_cols;
+  // COLS, ALL and factored segments: column sums of g**2 over every row (one accumulator row per task;
+  // COLS_FACTORED also keeps each row's sum), then per column of theirs a factor (COLS, ALL) or a scale
+  // (factored: b for ROWS_FACTORED, a for COLS_FACTORED)
+  std::vector<float> f_cols, row_sums, w_mean(nseg, 0.f);
   bool whole_column = false;
-  for (int32_t s = 0; s < nseg; ++s) whole_column |= kinds[s] == kCols || kinds[s] == kAll;
+  for (int32_t s = 0; s < nseg; ++s) whole_column |= needs_column_sums(kinds[s]);
   if (whole_column) {
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / grain));
     std::vector<float> acc(tasks * ld, 0.f);
+    row_sums.assign(rows * nseg, 0.f);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         float* a = acc.data() + t * ld;
         for (int64_t r = rows * t / tasks; r < rows * (t + 1) / tasks; ++r) {
           for (int32_t s = 0; s < nseg; ++s) {
-            if (kinds[s] != kCols && kinds[s] != kAll) continue;
+            if (!needs_column_sums(kinds[s])) continue;
             float* __restrict as = a + col_start[s];
             const float* __restrict gr = g + r * ld + col_start[s];
-#pragma omp simd
-            for (int64_t j = 0; j < ncols[s]; ++j) as[j] += gr[j] * gr[j];
+            float row_sum = 0.f;
+#pragma omp simd reduction(+ : row_sum)
+            for (int64_t j = 0; j < ncols[s]; ++j) {
+              const float q = gr[j] * gr[j];
+              as[j] += q;
+              row_sum += q;
+            }
+            row_sums[s * rows + r] = row_sum;
           }
         }
       }
     });
     f_cols.assign(ld, 0.f);
     for (int32_t s = 0; s < nseg; ++s) {
-      if (kinds[s] != kCols && kinds[s] != kAll) continue;
+      if (!needs_column_sums(kinds[s])) continue;
       float* vs = v + v_offset[s];
       std::vector<float> sums(ncols[s], 0.f);
       for (int64_t t = 0; t < tasks; ++t)
@@ -143,6 +171,27 @@ void step_block(float* p, const float* g, M* m, float* v, int64_t rows, int64_t 
           vs[j] = vs[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
           f_cols[col_start[s] + j] = factor(vs[j], h);
         }
+      } else if (kinds[s] == kColsFactored) {  // a per column; w per row, its mean for b in the row pass
+        float* ws = w + w_offset[s];
+        double total = 0.0;
+        for (int64_t j = 0; j < ncols[s]; ++j) {
+          vs[j] = vs[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
+          f_cols[col_start[s] + j] = std::sqrt(vs[j]) / h.bias_correction2_sqrt;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          ws[r] = ws[r] * h.beta2 + h.one_minus_beta2 * (row_sums[s * rows + r] / static_cast<float>(ncols[s]));
+          total += ws[r];
+        }
+        w_mean[s] = std::max(static_cast<float>(total / rows), std::numeric_limits<float>::min());
+      } else if (kinds[s] == kRowsFactored) {  // w per column, and b from it; a comes with each row
+        float* ws = w + w_offset[s];
+        double total = 0.0;
+        for (int64_t j = 0; j < ncols[s]; ++j) {
+          ws[j] = ws[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
+          total += ws[j];
+        }
+        const float mean = std::max(static_cast<float>(total / ncols[s]), std::numeric_limits<float>::min());
+        for (int64_t j = 0; j < ncols[s]; ++j) f_cols[col_start[s] + j] = std::sqrt(ws[j] / mean);
       } else {
         double total = 0.0;
         for (float x : sums) total += x;
@@ -167,6 +216,17 @@ void step_block(float* p, const float* g, M* m, float* v, int64_t rows, int64_t 
             update(p + at, g + at, m + at, n, factor(vr, h), nullptr, h);
             break;
           }
+          case kRowsFactored: {
+            float& vr = v[v_offset[s] + r];
+            vr = vr * h.beta2 + h.one_minus_beta2 * (sum_of_squares(g + at, n) / static_cast<float>(n));
+            update_factored(p + at, g + at, m + at, n, std::sqrt(vr) / h.bias_correction2_sqrt,
+                            f_cols.data() + col_start[s], h);
+            break;
+          }
+          case kColsFactored:
+            update_factored(p + at, g + at, m + at, n, std::sqrt(w[w_offset[s] + r] / w_mean[s]),
+                            f_cols.data() + col_start[s], h);
+            break;
           default:
             update(p + at, g + at, m + at, n, 0.f, f_cols.data() + col_start[s], h);
         }
@@ -177,15 +237,16 @@ void step_block(float* p, const float* g, M* m, float* v, int64_t rows, int64_t 
 
 }  // namespace
 
-// m: float32, or bfloat16 when momentum_bf16 is set
-extern "C" void slimadamw_block(float* p, const float* g, void* m, int32_t momentum_bf16, float* v, int64_t rows,
-                                int64_t ld, int32_t nseg, const int64_t* col_start, const int64_t* ncols,
-                                const int32_t* kinds, const int64_t* v_offset, float decay, float one_minus_beta1,
+// m: float32, or bfloat16 when momentum_bf16 is set; w: the factored segments' complements (or null)
+extern "C" void slimadamw_block(float* p, const float* g, void* m, int32_t momentum_bf16, float* v, float* w,
+                                int64_t rows, int64_t ld, int32_t nseg, const int64_t* col_start,
+                                const int64_t* ncols, const int32_t* kinds, const int64_t* v_offset,
+                                const int64_t* w_offset, float decay, float one_minus_beta1,
                                 float beta2, float one_minus_beta2, float neg_step_size, float bias_correction2_sqrt,
                                 float eps) {
   const Hyper h{decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps};
   if (momentum_bf16)
-    step_block(p, g, static_cast<uint16_t*>(m), v, rows, ld, nseg, col_start, ncols, kinds, v_offset, h);
+    step_block(p, g, static_cast<uint16_t*>(m), v, w, rows, ld, nseg, col_start, ncols, kinds, v_offset, w_offset, h);
   else
-    step_block(p, g, static_cast<float*>(m), v, rows, ld, nseg, col_start, ncols, kinds, v_offset, h);
+    step_block(p, g, static_cast<float*>(m), v, w, rows, ld, nseg, col_start, ncols, kinds, v_offset, w_offset, h);
 }
