@@ -102,13 +102,14 @@ def test_robust_fast_paths_equal_the_reference_on_a_split_weight(implementation,
     assert tuple(ref.state[p][STATE_KEY].shape) == (32 + 16,)  # part 0: column means; part 1: row means
 
 
-def test_robust_resumes_bitwise_and_converts_other_checkpoints(tmp_path):
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_robust_resumes_bitwise_and_converts_other_checkpoints(tmp_path, implementation):
     grads, p0 = _skewed_grads(5), torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-    whole = _train("foreach", True, grads, p0)
-    first = _train("foreach", True, grads[:3], p0)
+    whole = _train(implementation, True, grads, p0)
+    first = _train(implementation, True, grads[:3], p0)
     torch.save(first.state_dict(), tmp_path / "opt.pt")
     p = torch.nn.Parameter(_param(first).clone())
-    resumed = SlimAdamW([{"params": [p], "compress": [(1,)]}], robust=True, **HYPER)
+    resumed = SlimAdamW([{"params": [p], "compress": [(1,)]}], robust=True, implementation=implementation, **HYPER)
     resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     for g in grads[3:]:
         p.grad = g.clone()
