@@ -78,13 +78,12 @@ def _slim_grouped(model: nn.Module, by_signature: bool) -> Step:
     for group, batch in zip(opt.param_groups, batches):
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (p, m, v, segs) in enumerate(zip(batch.params, batch.exp_avgs, batch.exp_avg_sqs, batch.segments)):
-            key = (_signature(p), _signature(m), _signature(v), tuple(segs)) if by_signature else ()
+            key = (_signature(p), _signature(m), _signature(v), tuple(segs)) if by_signature else id(group)
             buckets[key].append(i)
         for key, indices in buckets.items():
-            full_key = key if by_signature else (id(group),)
-            if full_key not in graphs:
-                graphs[full_key] = _compiled_copy(str(len(graphs)))
-            calls.append((group, batch, indices, graphs[full_key]))
+            if key not in graphs:
+                graphs[key] = _compiled_copy(str(len(graphs)))
+            calls.append((group, batch, indices, graphs[key]))
 
     @torch.no_grad()
     def step() -> None:

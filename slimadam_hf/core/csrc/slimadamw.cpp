@@ -133,12 +133,15 @@ void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows
   // COLS_FACTORED also keeps each row's sum), then per column of theirs a factor (COLS, ALL) or a scale
   // (factored: b for ROWS_FACTORED, a for COLS_FACTORED)
   std::vector<float> f_cols, row_sums, w_mean(nseg, 0.f);
-  bool whole_column = false;
-  for (int32_t s = 0; s < nseg; ++s) whole_column |= needs_column_sums(kinds[s]);
+  bool whole_column = false, factored_cols = false;
+  for (int32_t s = 0; s < nseg; ++s) {
+    whole_column |= needs_column_sums(kinds[s]);
+    factored_cols |= kinds[s] == kColsFactored;
+  }
   if (whole_column) {
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / grain));
     std::vector<float> acc(tasks * ld, 0.f);
-    row_sums.assign(rows * nseg, 0.f);
+    if (factored_cols) row_sums.assign(rows * nseg, 0.f);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         float* a = acc.data() + t * ld;
@@ -154,7 +157,7 @@ void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows
               as[j] += q;
               row_sum += q;
             }
-            row_sums[s * rows + r] = row_sum;
+            if (kinds[s] == kColsFactored) row_sums[s * rows + r] = row_sum;
           }
         }
       }
