@@ -4,9 +4,10 @@
   batch, against ONE process running the same optimizer on the whole batch; torch AdamW in the same
   harness sets the bar (SlimAdamW's worst relative difference within 10x of AdamW's);
 * the compressed second moments equal the single process's;
-* Trainer ``--deepspeed`` + ``--optim slimadam``: checkpoint and exact resume, stages 2 and 3; another
-  world size is refused;
+* Trainer ``--deepspeed`` + ``--optim slimadam``: checkpoint and exact resume, stages 2 and 3 (and 3 with
+  ``robust=true``); another world size is refused;
 * ``accelerate launch`` with a DeepSpeed (ZeRO-3, zero3_init) accelerate config and an unmodified HF script;
+* ``robust=True``: the complements and the weights equal the single process's;
 * refused settings, each with a one-line error.
 """
 
@@ -53,8 +54,9 @@ def _expected_all_reduces(case: tuple) -> int:
     return zero.STEPS * (COMPRESSED[preset] if per_weight else 1)
 
 
-def _assert_follows_single_process(r: dict, case: tuple, wrapper: str) -> tuple[float, float]:
+def _assert_follows_single_process(r: dict, case: tuple) -> tuple[float, float]:
     slim, adamw = r[_key(case) + ":slimadam"], r[_key(case) + ":adamw"]
+    wrapper = "DeepSpeedZeroOptimizer_Stage3" if case[1] == 3 else "DeepSpeedZeroOptimizer"
     assert slim["wrapper"] == adamw["wrapper"] == wrapper
     assert slim["moved"] > 1e-2  # the run really moved the weights
     assert slim["rel_diff"] <= BAR * adamw["rel_diff"], (slim["rel_diff"], adamw["rel_diff"])
@@ -67,8 +69,7 @@ def _assert_follows_single_process(r: dict, case: tuple, wrapper: str) -> tuple[
 @pytest.mark.parametrize("case", zero.FP32_CASES, ids=_key)
 def test_zero_float32_follows_single_process(results, case):
     r = harness.worker_result(results, "fp32")
-    stage = case[1]
-    _assert_follows_single_process(r, case, "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    _assert_follows_single_process(r, case)
     slim = r[_key(case) + ":slimadam"]
     # the compressed weights (boundaries cut their rows and GPT-2's k part) to float32 rounding
     assert slim["rel_diff_compressed"] < FLOAT32_ROUNDING
@@ -79,19 +80,29 @@ def test_zero_float32_follows_single_process(results, case):
 @pytest.mark.parametrize("case", zero.OFFLOAD_CASES, ids=_key)
 def test_zero_offload_optimizer_cpu_follows_single_process(results, case):
     r = harness.worker_result(results, "offload")
-    stage = case[1]
-    _assert_follows_single_process(r, case, "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    _assert_follows_single_process(r, case)
     slim = r[_key(case) + ":slimadam"]
     assert slim["offload"]
     assert slim["rel_diff_compressed"] < FLOAT32_ROUNDING and slim["v_rel_diff"] < FLOAT32_ROUNDING
+
+
+@pytest.mark.parametrize("case", zero.ROBUST_CASES, ids=_key)
+def test_zero_robust_follows_single_process(results, case):
+    # robust=True: each weight's complement (its mean over the other dims) is reduced across the ranks
+    # like its second moment, and kept whole on every rank that holds part of the weight
+    r = harness.worker_result(results, "robust")
+    _assert_follows_single_process(r, case)
+    slim = r[_key(case) + ":slimadam"]
+    assert slim["rel_diff_compressed"] < FLOAT32_ROUNDING and slim["v_rel_diff"] < FLOAT32_ROUNDING
+    assert slim["complements_on_rank"] >= 1
+    assert slim["complement_rel_diff"] < FLOAT32_ROUNDING
 
 
 @pytest.mark.parametrize("case", zero.BF16_CASES, ids=_key)
 def test_zero_bf16_follows_single_process_as_closely_as_adamw(results, case):
     # bf16 forward/backward against a float32 single process: both optimizers differ at bf16 rounding
     r = harness.worker_result(results, "bf16")
-    stage = case[1]
-    _assert_follows_single_process(r, case, "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    _assert_follows_single_process(r, case)
     slim, adamw = r[_key(case) + ":slimadam"], r[_key(case) + ":adamw"]
     assert slim["v_rel_diff"] <= BAR * adamw["v_rel_diff"], (slim["v_rel_diff"], adamw["v_rel_diff"])
 
@@ -111,7 +122,8 @@ def test_refused_settings_give_one_line_errors(results):
     )
     assert "resume a ZeRO checkpoint with the same world size" in r["other_rank_state"]
     assert r["auto_snr"].startswith("auto-snr cannot probe under DeepSpeed ZeRO")
-    assert r["robust"].startswith("SlimAdamW: robust=True is not supported under DeepSpeed ZeRO yet")
+    assert r["plain_state_robust"].startswith(
+        "SlimAdamW: this DeepSpeed ZeRO checkpoint has no robust=True complement (slim_exp_avg_sq_complement)")
     assert r["int8"].startswith("SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions")
 
 
@@ -152,6 +164,13 @@ def test_trainer_deepspeed_zero2_matches_single_process(trainer_stage2, tmp_path
 
 def test_trainer_deepspeed_zero3_checkpoint_resumes_exactly(tmp_path):
     _assert_trainer(harness.spawn(trainer_zero.resume, 2, tmp_path, stage=3), "DeepSpeedZeroOptimizer_Stage3")
+
+
+def test_trainer_deepspeed_zero3_robust_checkpoint_resumes_exactly(tmp_path):
+    # robust=True through optim_args: the per-rank ZeRO checkpoint carries the complements too
+    r = harness.spawn(trainer_zero.resume, 2, tmp_path, stage=3, optim_args="preset=gpt2,robust=true")
+    _assert_trainer(r, "DeepSpeedZeroOptimizer_Stage3")
+    assert "transformer.h.0.attn.c_attn.weight" in r["complements"]
 
 
 def test_trainer_resume_at_another_world_size_is_refused(trainer_stage2, tmp_path):

@@ -198,8 +198,9 @@ def _single_tensor_slimadamw(
             if comp is not None:  # the factored estimate, full size: this is the oracle
                 w = complement.moment(k)
                 stat_c = complement.stats[k] if complement.stats is not None else None
-                w.mul_(beta2).add_((g * g).mean(dim=comp.dims, keepdim=True) if stat_c is None else stat_c,
-                                   alpha=1 - beta2)
+                if not seg.shares_v:
+                    w.mul_(beta2).add_((g * g).mean(dim=comp.dims, keepdim=True) if stat_c is None else stat_c,
+                                       alpha=1 - beta2)
                 v_hat = v_hat * comp.denominator_view(w) / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
             denom = (v_hat.sqrt() / bias_correction2_sqrt).add_(eps)
             seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
@@ -301,8 +302,9 @@ def _multi_tensor_bucket(
                 mean_x.append(stat if stat is not None else mean_of_squares(seg.view(grad), seg.dims, v))
             if comp is not None:
                 w = complement.moment(k)
-                mean_v.append(w)
-                mean_x.append(complement.statistic(k, seg.view(grad)))
+                if not seg.shares_v:
+                    mean_v.append(w)
+                    mean_x.append(complement.statistic(k, seg.view(grad)))
                 factored.append((seg.view(param), seg.view(exp_avg), seg.denominator_view(v), comp.denominator_view(w),
                                  w, neg_step_size, bias_correction2_sqrt))
                 continue

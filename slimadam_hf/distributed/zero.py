@@ -25,8 +25,9 @@ partition back to the weights it holds and prepares one input of the shared upda
   for its local entries only, as AdamW under ZeRO does. ``exp_avg`` covers the partition.
 
 Per partition the state is ``step``, ``exp_avg`` (partition-shaped, as AdamW's), ``slim_exp_avg_sq``
-(every held weight's second moment, one flat float32 tensor) and ``slim_zero_layout`` (the layout it
-was made for). DeepSpeed saves it per rank; resuming at the same data-parallel world size is exact,
+(every held weight's second moment, one flat float32 tensor), with ``robust=True``
+``slim_exp_avg_sq_complement`` (every held compressed weight's complement, kept and reduced like its
+second moment) and ``slim_zero_layout`` (the layout it was made for). DeepSpeed saves it per rank; resuming at the same data-parallel world size is exact,
 another layout is refused.
 """
 
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..core.compress_spec import second_moment_dtype
+from ..core.factored import Complement
 from ..core.functional import UpdateBatch
 from ..core.reductions import sum_of_squares
 from . import zero_layout
@@ -56,6 +58,7 @@ _TOTALS: "weakref.WeakKeyDictionary[Any, list[int]]" = weakref.WeakKeyDictionary
 
 SUPPORTED = {"DeepSpeedZeroOptimizer": "1/2", "DeepSpeedZeroOptimizer_Stage3": "3"}
 V_KEY, LAYOUT_KEY = "slim_exp_avg_sq", "slim_zero_layout"
+COMPLEMENT_KEY = "slim_exp_avg_sq_complement"  # robust=True
 
 
 def remember_params(optimizer: Any, group: dict[str, Any]) -> None:
@@ -126,10 +129,13 @@ def _check_supported(wrapper: Any) -> str:
 
 
 def _state(state: dict[str, Any], flat: Tensor, layout: Layout, momentum_dtype: torch.dtype) -> dict[str, Any]:
+    v_dtype = second_moment_dtype(flat.dtype)
     if not state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(flat, dtype=momentum_dtype)
-        state[V_KEY] = torch.zeros(layout.v_numel, dtype=second_moment_dtype(flat.dtype), device=flat.device)
+        state[V_KEY] = torch.zeros(layout.v_numel, dtype=v_dtype, device=flat.device)
+        if layout.complement_numel:
+            state[COMPLEMENT_KEY] = torch.zeros(layout.complement_numel, dtype=v_dtype, device=flat.device)
         state[LAYOUT_KEY] = layout.fingerprint
         return state
     saved = state.get(LAYOUT_KEY)
@@ -146,27 +152,39 @@ def _state(state: dict[str, Any], flat: Tensor, layout: Layout, momentum_dtype: 
     if state[V_KEY].numel() != layout.v_numel:
         raise UnsupportedShardingError(f"SlimAdamW: ZeRO second moments have {state[V_KEY].numel()} entries, the "
                                        f"layout expects {layout.v_numel}; the checkpoint does not fit this run")
+    if not layout.complement_numel:
+        state.pop(COMPLEMENT_KEY, None)  # a robust checkpoint resumed with robust=False: the paper's update
+    elif COMPLEMENT_KEY not in state or state[COMPLEMENT_KEY].numel() != layout.complement_numel:
+        raise UnsupportedShardingError(
+            "SlimAdamW: this DeepSpeed ZeRO checkpoint has no robust=True complement "
+            f"({COMPLEMENT_KEY}) for this layout; resume it with robust=False, or start the optimizer fresh"
+        )
     return state
 
 
-def _statistics(layout: Layout, grad: Tensor, dtype: torch.dtype) -> tuple[Tensor, list[Optional[Tensor]]]:
-    """This rank's share of each segment's ``mean(g**2)``, and the per-segment statistics list."""
+def _statistics(
+    layout: Layout, grad: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, list[Optional[Tensor]], list[Optional[Tensor]]]:
+    """This rank's share of each segment's ``mean(g**2)`` (over its dims, and with ``robust`` over the
+    complement dims) in one buffer, and the per-segment views of both."""
     buf = torch.zeros(layout.stat_numel, dtype=dtype, device=grad.device)
-    stats: list[Optional[Tensor]] = []
-    for seg, stat in zip(layout.segments, layout.stat_segments):
-        if stat is None:
-            stats.append(None)
-            continue
-        stat_seg, count = stat
-        target = stat_seg.second_moment_view(buf)
-        stats.append(None if seg.shares_v else target)
-        g = seg.view(grad)
-        if g.numel() == 0:
-            continue
-        g = g.to(dtype)
-        part = g * g if seg.dims is None else sum_of_squares(g, seg.dims, dtype)
-        stat_seg.denominator_view(target).add_(part, alpha=1.0 / count)
-    return buf, stats
+    per_kind: list[list[Optional[Tensor]]] = [[], []]
+    for seg, *stat_of_kind in zip(layout.segments, layout.stat_segments, layout.complement_stat_segments):
+        g: Optional[Tensor] = None  # the segment's gradient in the statistics' dtype, made once if needed
+        for stats, stat in zip(per_kind, stat_of_kind):
+            if stat is None:
+                stats.append(None)
+                continue
+            stat_seg, count = stat
+            target = stat_seg.second_moment_view(buf)
+            stats.append(None if seg.shares_v else target)
+            if g is None:
+                g = seg.view(grad).to(dtype)
+            if g.numel() == 0:
+                continue
+            part = g * g if stat_seg.dims is None else sum_of_squares(g, stat_seg.dims, dtype)
+            stat_seg.denominator_view(target).add_(part, alpha=1.0 / count)
+    return buf, per_kind[0], per_kind[1]
 
 
 def _all_reduce(regions: list[tuple[Any, Tensor]]) -> tuple[int, int]:
@@ -235,10 +253,12 @@ def prepare_step(optimizer: Any, momentum_dtype: Any) -> Optional[ZeroStep]:
         flat = params[0]
         layout = zero_layout.layout(optimizer, known, wrapper, stage, group, flat)
         state = _state(optimizer.state[flat], flat, layout, momentum_dtype(group, flat))
-        buf, stats = _statistics(layout, flat.grad, state[V_KEY].dtype)
+        buf, stats, complement_stats = _statistics(layout, flat.grad, state[V_KEY].dtype)
         if layout.reduce_numel:
             regions.append((layout.pg, buf[: layout.reduce_numel]))
-        batch.add(flat, flat.grad, state["exp_avg"], state[V_KEY], state["step"], layout.segments, stats)
+        complement = None if not layout.complement_numel else Complement(
+            state[COMPLEMENT_KEY], layout.complement_segments, tuple(complement_stats))
+        batch.add(flat, flat.grad, state["exp_avg"], state[V_KEY], state["step"], layout.segments, stats, complement)
     calls, nbytes = _all_reduce(regions)
     totals = _TOTALS.setdefault(optimizer, [0, 0])
     totals[0] += calls
@@ -247,16 +267,26 @@ def prepare_step(optimizer: Any, momentum_dtype: Any) -> Optional[ZeroStep]:
                               "total_all_reduce_calls": totals[0], "total_all_reduce_bytes": totals[1]})
 
 
+def _held(optimizer: Any, key: str) -> list[tuple[Layout, Tensor]]:
+    """Each partition's layout and its state tensor ``key``, after a ZeRO step."""
+    out = []
+    for flat_id, layout in zero_layout.layouts(optimizer).items():
+        flat = next((p for p in optimizer.state if id(p) == flat_id), None)
+        if flat is not None and key in optimizer.state[flat]:
+            out.append((layout, optimizer.state[flat][key]))
+    return out
+
+
 def second_moments(optimizer: Any) -> dict[str, tuple[Tensor, Optional[tuple[int, int]]]]:
     """This rank's second moments by parameter name, after a ZeRO step: ``(v, None)`` for compressed
     weights (whole, compressed shape flattened; split weights: every part, as a single process keeps
     them) and ``(v, (start, numel))`` for uncompressed ones (the local elements of the flattened weight)."""
-    out = {}
-    for flat_id, layout in zero_layout.layouts(optimizer).items():
-        flat = next((p for p in optimizer.state if id(p) == flat_id), None)
-        if flat is None or V_KEY not in optimizer.state[flat]:
-            continue
-        v = optimizer.state[flat][V_KEY]
-        for name, offset, numel, local in layout.named:
-            out[name] = (v.narrow(0, offset, numel), local)
-    return out
+    return {name: (v.narrow(0, offset, numel), local)
+            for layout, v in _held(optimizer, V_KEY) for name, offset, numel, local in layout.named}
+
+
+def complements(optimizer: Any) -> dict[str, Tensor]:
+    """``robust=True``: this rank's ``exp_avg_sq_complement`` of each compressed weight it holds part of,
+    by name (whole and flattened, as a single process keeps it), after a ZeRO step."""
+    return {name: w.narrow(0, offset, numel)
+            for layout, w in _held(optimizer, COMPLEMENT_KEY) for name, offset, numel in layout.complement_named}

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..core.compress_spec import Segment, second_moment_numel, segments
+from ..core.factored import complement_numel, complement_segments
 from .guards import UnsupportedShardingError
 
 # Per-optimizer cache, kept off the optimizer so that pickling or deep-copying it is unaffected.
@@ -37,6 +38,12 @@ class Layout:
     segments: tuple[Segment, ...]
     stat_segments: tuple[Optional[tuple[Segment, int]], ...]  # per segment: its statistic's view and count
     named: tuple[tuple[str, int, int, Optional[tuple[int, int]]], ...]  # name, v offset, v numel, local range
+    # robust=True: every compressed weight's complement (whole, one after another; 0 entries without
+    # robust), and per segment where its complement and that statistic live (None: not factored)
+    complement_numel: int
+    complement_segments: tuple[Optional[Segment], ...]
+    complement_stat_segments: tuple[Optional[tuple[Segment, int]], ...]
+    complement_named: tuple[tuple[str, int, int], ...]  # name, complement offset, numel
 
 
 def _boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
@@ -123,22 +130,35 @@ def _locate(wrapper: Any, stage: str, flat: Tensor) -> tuple[int, Any, list]:
     return i, pg, _stage12_entries(wrapper, i, dist.get_rank(group=pg))
 
 
-def _weight_segments(
-    shape: tuple[int, ...], spec: Any, name: str, local: tuple[int, int, int], v_offset: int, stat_offset: int
-) -> list[tuple[Segment, Segment, int]]:
-    """A compressed or split weight's (segment, statistic segment, count) triples on this rank.
+_Placed = tuple[Segment, Segment, int]  # a segment, its statistic's segment, the statistic's count
 
-    ``local`` is (first held element, held count, its offset in the partition). Per compress segment
-    the first triple updates the second moment, the others (``shares_v``) only read it; a split part
-    this rank holds nothing of still gets an empty triple that updates its (replicated) moment.
+
+def _weight_segments(
+    shape: tuple[int, ...], spec: Any, name: str, local: tuple[int, int, int], v_offset: int, stat_offset: int,
+    complement: Optional[tuple[int, int]] = None,
+) -> list[tuple[_Placed, Optional[_Placed]]]:
+    """A compressed or split weight's segments on this rank, each with its complement's (or ``None``).
+
+    ``local`` is (first held element, held count, its offset in the partition); ``complement`` (robust=True)
+    is where the weight's complement and its statistics start. Per compress segment the first entry
+    updates the second moment (and complement), the others (``shares_v``) only read them; a split part
+    this rank holds nothing of still gets an empty entry that updates its (replicated) moments.
     """
     start, numel, partition_offset = local
     boxes = _boxes(shape, start, start + numel)
+    gsegs = segments(spec, shape, name)
+    gcomps = complement_segments(gsegs, shape) if complement is not None else (None,) * len(gsegs)
     out = []
-    for gseg in segments(spec, shape, name):
-        dims, sd = set(gseg.dims or ()), gseg.split_dim
+    for gseg, gcomp in zip(gsegs, gcomps):
+        sd = gseg.split_dim
         seg_shape = [gseg.size if d == sd else s for d, s in enumerate(shape)]
-        count = math.prod(seg_shape[d] for d in dims) if gseg.dims else 1
+
+        def place(box: tuple, cut: tuple, shares: bool) -> tuple[_Placed, Optional[_Placed]]:
+            placed = _triple(gseg, shape, box, cut, v_offset, stat_offset, shares, seg_shape)
+            if gcomp is None:
+                return placed, None
+            return placed, _triple(gcomp, shape, box, cut, *complement, shares, seg_shape)
+
         first = True
         for flat_start, off, bshape in boxes:
             if sd is None:
@@ -148,21 +168,21 @@ def _weight_segments(
                 if hi <= lo:
                     continue
                 local_start, length, box_start = lo - off[sd], hi - lo, lo - gseg.offset
-            out.append(_triple(gseg, shape, dims, (flat_start - start + partition_offset, off, bshape),
-                               (local_start, length, box_start), v_offset, stat_offset, not first, count))
+            out.append(place((flat_start - start + partition_offset, off, bshape), (local_start, length, box_start),
+                             not first))
             first = False
         if first:
             flat_start, off, bshape = boxes[0]
-            out.append(_triple(gseg, shape, dims, (flat_start - start + partition_offset, off, bshape),
-                               (0, 0, 0), v_offset, stat_offset, False, count))
+            out.append(place((flat_start - start + partition_offset, off, bshape), (0, 0, 0), False))
     return out
 
 
-def _triple(gseg: Segment, shape: tuple[int, ...], dims: set, box: tuple, cut: tuple, v_offset: int,
-            stat_offset: int, shares: bool, count: int) -> tuple[Segment, Segment, int]:
+def _triple(gseg: Segment, shape: tuple[int, ...], box: tuple, cut: tuple, v_offset: int, stat_offset: int,
+            shares: bool, seg_shape: list[int]) -> _Placed:
+    """``gseg`` (a weight's segment, or its complement) placed on one box of the partition."""
     window_start, off, bshape = box
     local_start, length, box_start = cut
-    sd = gseg.split_dim
+    sd, dims = gseg.split_dim, set(gseg.dims or ())
     v_box = tuple(
         (d, box_start, length) if d == sd else (d, off[d], bshape[d])
         for d in range(len(shape))
@@ -171,10 +191,13 @@ def _triple(gseg: Segment, shape: tuple[int, ...], dims: set, box: tuple, cut: t
     common = dict(split_dim=sd, offset=local_start, size=length if sd is not None else bshape[0], dims=gseg.dims,
                   v_shape=gseg.v_shape, v_box=v_box, window=(window_start, tuple(bshape)))
     seg = Segment(v_offset=v_offset + gseg.v_offset, shares_v=shares, **common)
+    count = math.prod(seg_shape[d] for d in dims) if dims else 1
     return seg, Segment(v_offset=stat_offset + gseg.v_offset, **common), count
 
 
 def _build_layout(known: dict, wrapper: Any, stage: str, group: dict[str, Any], flat: Tensor, key: tuple) -> Layout:
+    """A partition's layout; each compressed weight's statistics are its second moment's then, with
+    ``robust``, its complement's."""
     import torch.distributed as dist
 
     index, pg, entries = _locate(wrapper, stage, flat)
@@ -191,14 +214,20 @@ def _build_layout(known: dict, wrapper: Any, stage: str, group: dict[str, Any], 
         j = record[1]
         resolved.append((j, specs[j] if specs else None, names[j] if names else f"params[{j}]", shape, start,
                          numel, offset, cut))
+    robust = bool(group.get("robust"))
+
+    def sizes(spec: Any, shape: tuple[int, ...], name: str) -> tuple[int, int]:
+        v = second_moment_numel(spec, shape, name)
+        return v, complement_numel(segments(spec, shape, name), shape) if robust else 0
+
     # statistics of weights that a partition boundary cuts: one slot per weight, the same on every rank
     slots, reduce_numel = {}, 0
     for j, spec, name, shape, *_, cut in resolved:
         if spec is not None and cut:
             slots[j] = reduce_numel
-            reduce_numel += second_moment_numel(spec, shape, name)
-    segs, stat_segs, named, fingerprint = [], [], [], []
-    v_numel, stat_numel = 0, reduce_numel
+            reduce_numel += sum(sizes(spec, shape, name))
+    segs, stat_segs, comp_segs, comp_stat_segs, named, comp_named, fingerprint = [], [], [], [], [], [], []
+    v_numel, stat_numel, c_numel = 0, reduce_numel, 0
     for j, spec, name, shape, start, numel, offset, cut in resolved:
         if numel == 0:
             continue
@@ -206,23 +235,32 @@ def _build_layout(known: dict, wrapper: Any, stage: str, group: dict[str, Any], 
         if spec is None:
             segs.append(Segment(None, 0, numel, None, v_offset=v_numel, v_shape=(numel,), window=(offset, (numel,))))
             stat_segs.append(None)
+            comp_segs.append(None)
+            comp_stat_segs.append(None)
             named.append((name, v_numel, numel, (start, numel)))
             v_numel += numel
             continue
-        size = second_moment_numel(spec, shape, name)
+        size, c_size = sizes(spec, shape, name)
         stat_offset = slots.get(j, stat_numel)
-        stat_numel += 0 if j in slots else size
-        for seg, stat, count in _weight_segments(shape, spec, name, (start, numel, offset), v_numel, stat_offset):
+        stat_numel += 0 if j in slots else size + c_size
+        placed = _weight_segments(shape, spec, name, (start, numel, offset), v_numel, stat_offset,
+                                  (c_numel, stat_offset + size) if c_size else None)
+        for (seg, stat, count), comp in placed:
             segs.append(seg)
             stat_segs.append((stat, count))
+            comp_segs.append(None if comp is None else comp[0])
+            comp_stat_segs.append(None if comp is None else comp[1:])
         named.append((name, v_numel, size, None))
+        if c_size:
+            comp_named.append((name, c_numel, c_size))
         v_numel += size
+        c_numel += c_size
     # ints only: torch's load_state_dict rebuilds every iterable in the state, strings included
     stage_number = 3 if stage == "3" else 2 if getattr(wrapper, "partition_gradients", False) else 1
     layout_print = {"stage": stage_number, "world_size": world, "rank": rank, "numel": flat.numel(),
                     "weights": fingerprint}
     return Layout(key, pg, layout_print, v_numel, stat_numel, reduce_numel, tuple(segs), tuple(stat_segs),
-                   tuple(named))
+                  tuple(named), c_numel, tuple(comp_segs), tuple(comp_stat_segs), tuple(comp_named))
 
 
 def layout(optimizer: Any, known: dict, wrapper: Any, stage: str, group: dict[str, Any], flat: Tensor) -> Layout:
@@ -232,7 +270,7 @@ def layout(optimizer: Any, known: dict, wrapper: Any, stage: str, group: dict[st
     """
     lists = wrapper.fp16_groups if stage == "3" else wrapper.round_robin_bit16_groups
     key = (id(wrapper), id(flat), flat.numel(), id(lists), tuple(map(id, lists)), tuple(map(len, lists)),
-           repr(group.get("compress")))
+           repr(group.get("compress")), bool(group.get("robust")))
     cache = _LAYOUTS.setdefault(optimizer, {})
     layout = cache.get(id(flat))
     if layout is None or layout.key != key:

@@ -35,13 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def _flat_momentum_dtype(group: dict[str, Any], flat: Tensor) -> torch.dtype:
-    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused; so is
-    robust=True, whose second mean is not mapped onto flat partitions)."""
-    if group["robust"]:
-        raise UnsupportedShardingError(
-            "SlimAdamW: robust=True is not supported under DeepSpeed ZeRO yet (its second mean is not mapped "
-            "onto flat partitions); use robust=False there, or robust=True with DDP, FSDP2 or one process"
-        )
+    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused)."""
     if group["momentum_dtype"] == "int8":
         raise UnsupportedShardingError(
             "SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions yet; use "

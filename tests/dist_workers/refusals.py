@@ -96,8 +96,11 @@ def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0
 
 
 def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_state: bool = False,
-                options: dict | None = None, **config) -> str:
-    """One real DeepSpeed ZeRO run of the tiny model; the UnsupportedShardingError it raises, or 'NO ERROR'."""
+                options: dict | None = None, then_robust: bool = False, **config) -> str:
+    """One real DeepSpeed ZeRO run of the tiny model; the UnsupportedShardingError it raises, or 'NO ERROR'.
+
+    ``then_robust``: after the steps, go on with robust=True, as a run that resumes a robust=False
+    checkpoint with it (the live group's option wins on load)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -118,6 +121,11 @@ def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_sta
             opt.load_state_dict(states[(rank + 1) % world_size])
             engine.backward(engine(models.batch(steps, rank, world_size)))
             engine.step()
+        if then_robust:
+            for group in opt.param_groups:
+                group["robust"] = True
+            engine.backward(engine(models.batch(steps, rank, world_size)))
+            engine.step()
 
     return _error(train)
 
@@ -130,7 +138,7 @@ def deepspeed_refusals(rank: int, world_size: int, out_dir: Path) -> dict:
                                       data_types={"grad_accum_dtype": "fp32"}),
         "elastic_checkpoint": _zero_error(rank, world_size, 2, zero={"elastic_checkpoint": True}),
         "other_rank_state": _zero_error(rank, world_size, 2, swap_state=True),
-        "robust": _zero_error(rank, world_size, 2, options=dict(robust=True)),
+        "plain_state_robust": _zero_error(rank, world_size, 2, then_robust=True),
         "int8": _zero_error(rank, world_size, 2, options=dict(momentum_dtype="int8")),
         "auto_snr": _auto_snr_error(rank, world_size),
     }

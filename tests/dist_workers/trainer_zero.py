@@ -70,7 +70,7 @@ def _params(trainer: Any, stage: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params}
 
 
-def resume(rank: int, world_size: int, out_dir: Path, stage: int = 2) -> dict:
+def resume(rank: int, world_size: int, out_dir: Path, stage: int = 2, optim_args: str = "preset=gpt2") -> dict:
     """4 steps (checkpoint at step 2), then a new Trainer resumed from that checkpoint."""
     from transformers import Trainer
 
@@ -79,7 +79,8 @@ def resume(rank: int, world_size: int, out_dir: Path, stage: int = 2) -> dict:
 
     warnings.filterwarnings("ignore")
     run_dir = out_dir / "run"
-    args = _args(run_dir, stage, save_strategy="steps", save_steps=2)  # before the model: HF's zero.Init
+    # before the model: HF's zero.Init
+    args = _args(run_dir, stage, save_strategy="steps", save_steps=2, optim_args=optim_args)
     trainer = Trainer(model=trainer_fsdp2.tiny_gpt2(), args=args, train_dataset=trainer_fsdp2.dataset())
     trainer.train()
     opt = unwrap_optimizer(trainer.optimizer)  # accelerate's wrapper > DeepSpeed's ZeRO wrapper > SlimAdamW
@@ -91,13 +92,14 @@ def resume(rank: int, world_size: int, out_dir: Path, stage: int = 2) -> dict:
         "wrapper": type(wrapper).__name__,
         "c_attn_v": [list(v.shape) for n, (v, local) in moments.items() if n.endswith("h.0.attn.c_attn.weight")],
         "comm": getattr(opt, "comm_stats", None),
+        "complements": sorted(zero.complements(opt)),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*")),
         "zero_files": sorted(p.name for p in (run_dir / "checkpoint-2").rglob("*optim_states.pt")),
         "rng_files": sorted(p.name for p in (run_dir / "checkpoint-2").glob("rng_state*.pth")),
         "trainer_world_size": args.world_size,
     }
-    resumed = Trainer(model=trainer_fsdp2.tiny_gpt2(), args=_args(out_dir / "resumed", stage),
+    resumed = Trainer(model=trainer_fsdp2.tiny_gpt2(), args=_args(out_dir / "resumed", stage, optim_args=optim_args),
                       train_dataset=trainer_fsdp2.dataset())
     resumed.train(resume_from_checkpoint=str(run_dir / "checkpoint-2"))
     resumed_params = _params(resumed, stage)

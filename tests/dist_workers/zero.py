@@ -41,8 +41,10 @@ def batch(step: int, rank: int | None = None, world_size: int = 1) -> torch.Tens
     return ids if rank is None else ids.chunk(world_size)[rank]
 
 
-def optimizer(model: torch.nn.Module, preset: str, kind: str, per_weight: bool) -> torch.optim.Optimizer:
-    """SlimAdamW from the preset, or torch AdamW with the same two (or per-weight) param groups."""
+def optimizer(model: torch.nn.Module, preset: str, kind: str, per_weight: bool, robust: bool = False
+              ) -> torch.optim.Optimizer:
+    """SlimAdamW from the preset (``robust``: its factored second moment), or torch AdamW with the same two
+    (or per-weight) param groups."""
     groups = build_slimadam(model, preset=preset, lr=LR, weight_decay=WD).param_groups
     if per_weight:  # one group per weight: the ZeRO-1/2 partition boundary cuts every weight
         groups = [
@@ -59,7 +61,7 @@ def optimizer(model: torch.nn.Module, preset: str, kind: str, per_weight: bool) 
     for g in groups:
         if g["compress"] is None:
             g.pop("compress")
-    return SlimAdamW(groups, lr=LR)
+    return SlimAdamW(groups, lr=LR, robust=robust)
 
 
 def ds_config(stage: int, **extra: Any) -> dict:
@@ -89,7 +91,7 @@ def _max_all_ranks(value: float) -> float:
 
 
 def run(preset: str, kind: str, stage: int, rank: int, world_size: int, per_weight: bool, zero_init: bool = False,
-        **config: Any) -> dict:
+        robust: bool = False, **config: Any) -> dict:
     """``STEPS`` ZeRO steps vs one process: worst relative parameter difference, and second moments."""
     import deepspeed
 
@@ -104,7 +106,7 @@ def run(preset: str, kind: str, stage: int, rank: int, world_size: int, per_weig
     else:
         model = tiny(preset)
     initial = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    opt, ref_opt = optimizer(model, preset, kind, per_weight), optimizer(ref, preset, kind, per_weight)
+    opt, ref_opt = (optimizer(m, preset, kind, per_weight, robust) for m in (model, ref))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     for step in range(STEPS):
         engine.backward(_loss(engine, batch(step, rank, world_size)))
@@ -127,6 +129,8 @@ def run(preset: str, kind: str, stage: int, rank: int, world_size: int, per_weig
                               or getattr(engine.optimizer, "offload_optimizer", False))}
     if kind == "slimadam":
         result.update(_second_moments(opt, ref, ref_opt))
+        if robust:
+            result["complement_rel_diff"], result["complements_on_rank"] = _complements(opt, ref, ref_opt)
         result["comm"] = getattr(opt, "comm_stats", None)
     else:  # AdamW's full second moments, gathered by DeepSpeed's own API
         from deepspeed.utils import safe_get_full_optimizer_state
@@ -164,7 +168,22 @@ def _second_moments(opt: SlimAdamW, ref: torch.nn.Module, ref_opt: SlimAdamW) ->
             "v_names_missing": sorted(set(ref_v) - covered)}
 
 
-def accuracy(rank: int, world_size: int, out_dir: Path, cases: list, config: dict | None = None) -> dict:
+def _complements(opt: SlimAdamW, ref: torch.nn.Module, ref_opt: SlimAdamW) -> tuple[float, int]:
+    """robust=True: this rank's complements against the single process's (worst relative difference, count)."""
+    from slimadam_hf.core.factored import STATE_KEY
+    from slimadam_hf.distributed import zero
+
+    ref_w = {n: ref_opt.state[p].get(STATE_KEY) for n, p in ref.named_parameters()}
+    held = zero.complements(opt)
+    worst = 0.0
+    for name, w in held.items():
+        expected = ref_w[name].reshape(-1)
+        worst = max(worst, ((w - expected).abs().max() / expected.abs().max()).item())
+    return _max_all_ranks(worst), len(held)
+
+
+def accuracy(rank: int, world_size: int, out_dir: Path, cases: list, config: dict | None = None,
+             robust: bool = False) -> dict:
     """Per case ``(preset, stage, per_weight[, zero_init])``: torch AdamW and SlimAdamW vs one process."""
     warnings.filterwarnings("ignore")
     result = {}
@@ -174,7 +193,7 @@ def accuracy(rank: int, world_size: int, out_dir: Path, cases: list, config: dic
             key += f"{':zero_init' if init else ''}:{kind}"
             try:
                 result[key] = run(preset, kind, stage, rank, world_size, per_weight, zero_init=bool(init),
-                                  **(config or {}))
+                                  robust=robust, **(config or {}))
             except Exception:  # noqa: BLE001 - reported per case
                 import traceback
 
@@ -189,6 +208,7 @@ FP32_CASES = [("gpt2", 1, True), ("gpt2", 2, False), ("gpt2", 3, False, True), (
 OFFLOAD_CASES = [("gpt2", 2, True), ("llama", 3, False)]
 OFFLOAD = {"zero": {"offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}
 BF16_CASES = [("llama", 1, False), ("gpt2", 2, False), ("llama", 3, False)]
+ROBUST_CASES = [("gpt2", 1, True), ("llama", 2, True), ("gpt2", 3, False)]  # robust=True
 BF16 = {"bf16": {"enabled": True}}
 
 
@@ -202,6 +222,7 @@ def suite(rank: int, world_size: int, out_dir: Path) -> dict:
         "fp32": lambda: accuracy(rank, world_size, out_dir, FP32_CASES),
         "offload": lambda: accuracy(rank, world_size, out_dir, OFFLOAD_CASES, OFFLOAD),
         "bf16": lambda: accuracy(rank, world_size, out_dir, BF16_CASES, BF16),
+        "robust": lambda: accuracy(rank, world_size, out_dir, ROBUST_CASES, robust=True),
         "refusals": lambda: refusals.deepspeed_refusals(rank, world_size, out_dir),
     }
     results = {}
