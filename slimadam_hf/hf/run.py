@@ -78,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv else 2)
 
+    from ..distributed.ranks import shut_down_process_groups
     from .register import register
 
     check_optim_args(argv[2:] if argv[0] == "-m" else argv[1:])
@@ -91,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         finally:
-            _destroy_process_group()
+            shut_down_process_groups()
         return
 
     script = argv[0]
@@ -104,19 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         runpy.run_path(script, run_name="__main__")
     finally:
-        _destroy_process_group()
-
-
-def _destroy_process_group() -> None:
-    """Tear down a process group the script left open (HF example scripts do).
-
-    Left to interpreter exit, a gloo group can abort the process ("terminate called without an active
-    exception") after training has finished, which fails the whole ``accelerate launch``.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        shut_down_process_groups()
 
 
 if __name__ == "__main__":

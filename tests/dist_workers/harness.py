@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from slimadam_hf.distributed.ranks import shut_down_process_groups
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,7 +39,7 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], out_di
             Path(out_dir, "result.json").write_text(json.dumps(result))
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shut_down_process_groups()  # as slimadam_hf.run does: no gloo abort at interpreter exit
 
 
 def spawn(fn: Callable[..., Any], world_size: int, out_dir: Path, **kwargs: Any) -> Any:
