@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -55,20 +54,13 @@ def _group_update(params, grads, exp_avgs, exp_avg_sqs, scalars, plan):  # noqa:
         _update(param, grad, exp_avg, None, exp_avg_sq, segs, scalars, None, True, None, (None,) * len(segs), None)
 
 
-def _compiled_copy(tag: str) -> Callable[..., None]:
-    """A compiled copy of :func:`_group_update` with a code object of its own (its own dynamo cache)."""
-    code = _group_update.__code__.replace(co_name=f"_group_update_{tag}")
-    fn = types.FunctionType(code, _group_update.__globals__, code.co_name)
-    return torch.compile(fn, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
-
-
 def _slim_grouped(model: nn.Module, by_signature: bool) -> Step:
     """SlimAdamW's state and segments, stepped by one compiled graph per group (or per signature bucket).
 
     Covers float32 parameters with a float32 first moment and the plain (not robust) second moment, the
     default configuration.
     """
-    from slimadam_hf.core.compiled import _signature
+    from slimadam_hf.core.compiled import _signature, compile_copy
     from slimadam_hf.core.step_scalars import step_scalars
 
     opt = _slim("foreach")(model)
@@ -82,7 +74,7 @@ def _slim_grouped(model: nn.Module, by_signature: bool) -> Step:
             buckets[key].append(i)
         for key, indices in buckets.items():
             if key not in graphs:
-                graphs[key] = _compiled_copy(str(len(graphs)))
+                graphs[key] = compile_copy(_group_update, str(len(graphs)))
             calls.append((group, batch, indices, graphs[key]))
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ from .quant import QuantizedMomentum
 from .rounding import lerp_low_precision_, noise_key
 from .step_scalars import step_scalars
 
-__all__ = ["compiled_slimadamw", "compile_stats", "CompileUnavailableError"]
+__all__ = ["compiled_slimadamw", "compile_copy", "compile_stats", "CompileUnavailableError"]
 
 # dynamo keeps a bounded number of graphs per code object (a signature's function can still see
 # several, e.g. a new device index)
@@ -131,12 +131,18 @@ def _compiled(key: tuple) -> Callable[..., None]:
     """
     fn = _COMPILED.get(key)
     if fn is None:
-        code = _update.__code__.replace(co_name=f"_update_{len(_COMPILED)}")
-        update = types.FunctionType(code, _update.__globals__, code.co_name)
-        # emulate_precision_casts: a low-precision momentum is really rounded before it is used
-        fn = torch.compile(update, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+        fn = compile_copy(_update, str(len(_COMPILED)))
         _COMPILED[key] = fn
     return fn
+
+
+def compile_copy(fn: Callable[..., None], tag: str) -> Callable[..., None]:
+    """``torch.compile`` (fullgraph, static shapes) of a copy of ``fn`` whose code object is its own
+    (``{name}_{tag}``), so that dynamo keeps a cache entry, and checks guards, for this copy alone."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name)
+    # emulate_precision_casts: a low-precision momentum is really rounded before it is used
+    return torch.compile(copy, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def _signature(t: Tensor) -> tuple:

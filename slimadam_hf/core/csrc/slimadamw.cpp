@@ -40,6 +40,11 @@ struct Hyper {
   float decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
 };
 
+// a second moment (or complement) entry's new value from its statistic, the mean of g**2
+inline float ema(float moment, float mean_sq, const Hyper& h) {
+  return moment * h.beta2 + h.one_minus_beta2 * mean_sq;
+}
+
 inline float factor(float v, const Hyper& h) {
   return h.neg_step_size / (std::sqrt(v) / h.bias_correction2_sqrt + h.eps);
 }
@@ -171,18 +176,18 @@ void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows
         for (int64_t j = 0; j < ncols[s]; ++j) sums[j] += acc[t * ld + col_start[s] + j];
       if (kinds[s] == kCols) {
         for (int64_t j = 0; j < ncols[s]; ++j) {
-          vs[j] = vs[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
+          vs[j] = ema(vs[j], sums[j] / static_cast<float>(rows), h);
           f_cols[col_start[s] + j] = factor(vs[j], h);
         }
       } else if (kinds[s] == kColsFactored) {  // a per column; w per row, its mean for b in the row pass
         float* ws = w + w_offset[s];
         double total = 0.0;
         for (int64_t j = 0; j < ncols[s]; ++j) {
-          vs[j] = vs[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
+          vs[j] = ema(vs[j], sums[j] / static_cast<float>(rows), h);
           f_cols[col_start[s] + j] = std::sqrt(vs[j]) / h.bias_correction2_sqrt;
         }
         for (int64_t r = 0; r < rows; ++r) {
-          ws[r] = ws[r] * h.beta2 + h.one_minus_beta2 * (row_sums[s * rows + r] / static_cast<float>(ncols[s]));
+          ws[r] = ema(ws[r], row_sums[s * rows + r] / static_cast<float>(ncols[s]), h);
           total += ws[r];
         }
         w_mean[s] = std::max(static_cast<float>(total / rows), std::numeric_limits<float>::min());
@@ -190,7 +195,7 @@ void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows
         float* ws = w + w_offset[s];
         double total = 0.0;
         for (int64_t j = 0; j < ncols[s]; ++j) {
-          ws[j] = ws[j] * h.beta2 + h.one_minus_beta2 * (sums[j] / static_cast<float>(rows));
+          ws[j] = ema(ws[j], sums[j] / static_cast<float>(rows), h);
           total += ws[j];
         }
         const float mean = std::max(static_cast<float>(total / ncols[s]), std::numeric_limits<float>::min());
@@ -198,7 +203,7 @@ void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows
       } else {
         double total = 0.0;
         for (float x : sums) total += x;
-        vs[0] = vs[0] * h.beta2 + h.one_minus_beta2 * static_cast<float>(total / (static_cast<double>(rows) * ncols[s]));
+        vs[0] = ema(vs[0], static_cast<float>(total / (static_cast<double>(rows) * ncols[s])), h);
         std::fill_n(f_cols.begin() + col_start[s], ncols[s], factor(vs[0], h));
       }
     }
@@ -215,13 +220,13 @@ void step_block(float* p, const float* g, M* m, float* v, float* w, int64_t rows
             break;
           case kRows: {
             float& vr = v[v_offset[s] + r];
-            vr = vr * h.beta2 + h.one_minus_beta2 * (sum_of_squares(g + at, n) / static_cast<float>(n));
+            vr = ema(vr, sum_of_squares(g + at, n) / static_cast<float>(n), h);
             update(p + at, g + at, m + at, n, factor(vr, h), nullptr, h);
             break;
           }
           case kRowsFactored: {
             float& vr = v[v_offset[s] + r];
-            vr = vr * h.beta2 + h.one_minus_beta2 * (sum_of_squares(g + at, n) / static_cast<float>(n));
+            vr = ema(vr, sum_of_squares(g + at, n) / static_cast<float>(n), h);
             update_factored(p + at, g + at, m + at, n, std::sqrt(vr) / h.bias_correction2_sqrt,
                             f_cols.data() + col_start[s], h);
             break;
