@@ -27,8 +27,8 @@ partition back to the weights it holds and prepares one input of the shared upda
 Per partition the state is ``step``, ``exp_avg`` (partition-shaped, as AdamW's), ``slim_exp_avg_sq``
 (every held weight's second moment, one flat float32 tensor), with ``robust=True``
 ``slim_exp_avg_sq_complement`` (every held compressed weight's complement, kept and reduced like its
-second moment) and ``slim_zero_layout`` (the layout it was made for). DeepSpeed saves it per rank; resuming at the same data-parallel world size is exact,
-another layout is refused.
+second moment) and ``slim_zero_layout`` (the layout it was made for). DeepSpeed saves it per rank;
+resuming at the same data-parallel world size is exact, another layout is refused.
 """
 
 from __future__ import annotations
