@@ -23,7 +23,8 @@ Examples::
     python scripts/bench_step.py --models llama-1b --llama-layers 2 --repeats 7
     python scripts/bench_step.py --smoke
     python scripts/bench_step.py --models gpt2-124m --optimizers "torch AdamW fused" --trainer   # end to end
-    python scripts/bench_step.py --models gpt2-124m --optimizers "torch AdamW fused" --first-steps  # build/compile
+    python scripts/bench_step.py --models gpt2-124m --optimizers "torch AdamW fused" --first-steps  # kernel build
+    python scripts/bench_step.py --device cuda --models llama-1b --llama-layers 16 --no-rss   # GPU (Triton path)
 """
 
 from __future__ import annotations
@@ -101,13 +102,13 @@ class Skip(Exception):
 
 
 def _slim(impl: Optional[str], momentum_dtype: Optional[torch.dtype | str] = None,
-          robust: bool = False) -> Callable[[nn.Module], torch.optim.Optimizer]:
+          robust: bool = False, rounding: str = "nearest") -> Callable[[nn.Module], torch.optim.Optimizer]:
     def make(model: nn.Module) -> torch.optim.Optimizer:
         from slimadam_hf import build_slimadam
 
         return build_slimadam(
             model, "auto", lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, implementation=impl,
-            momentum_dtype=momentum_dtype, robust=robust,
+            momentum_dtype=momentum_dtype, robust=robust, momentum_rounding=rounding,
         )
 
     return make
@@ -152,9 +153,9 @@ def _torchao8(model: nn.Module) -> torch.optim.Optimizer:
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "torch AdamW fused": _adamw(fused=True),
     "torch AdamW foreach": _adamw(foreach=True),
-    "SlimAdamW compiled": _slim("compiled"),
-    "SlimAdamW compiled, bf16 m": _slim("compiled", torch.bfloat16),
     "SlimAdamW default": _slim(None),
+    "SlimAdamW default, int8 m": _slim(None, "int8"),
+    "SlimAdamW default, bf16 m stochastic": _slim(None, "bfloat16", rounding="stochastic"),
     "SlimAdamW fused": _slim("fused"),
     "SlimAdamW default, bf16 m": _slim(None, torch.bfloat16),
     "SlimAdamW default, robust": _slim(None, robust=True),
@@ -162,7 +163,6 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "SlimAdamW foreach": _slim("foreach"),
     "SlimAdamW foreach, bf16 m": _slim("foreach", torch.bfloat16),
     "SlimAdamW foreach, int8 m": _slim("foreach", "int8"),
-    "SlimAdamW compiled, int8 m": _slim("compiled", "int8"),
     "SlimAdamW reference": _slim("reference"),
     "torch Adafactor": _adafactor,
     "Adam-mini": _adam_mini,
@@ -215,7 +215,6 @@ class Result:
     cpu_times: list[float]
     state: int
     first_step: float
-    compile_seconds: float = 0.0
     peak_rss: Optional[int] = None
     note: str = ""
 
@@ -223,14 +222,11 @@ class Result:
 def time_interleaved(
     model: nn.Module, names: list[str], repeats: int, warmup: int, device: str
 ) -> tuple[list[Result], list[str]]:
-    from slimadam_hf.core.compiled import compile_stats
-
     opts: dict[str, torch.optim.Optimizer] = {}
     results: dict[str, Result] = {}
     skipped: list[str] = []
     for name in names:
         try:
-            before = compile_stats()["compile_seconds"]
             with contextlib.redirect_stdout(sys.stderr):  # Adam-mini prints what it found
                 opt = OPTIMIZERS[name](model)
                 _sync(device)
@@ -250,7 +246,7 @@ def time_interleaved(
             skipped.append(f"{name}: skipped, fails on {device} ({type(exc).__name__}: {str(exc)[:120]})")
             continue
         opts[name] = opt
-        results[name] = Result(name, [], [], state_bytes(opt), first, compile_stats()["compile_seconds"] - before)
+        results[name] = Result(name, [], [], state_bytes(opt), first)
         print(f"  ready: {name} (first step {first:.2f} s)", file=sys.stderr, flush=True)
     order = list(opts)
     for r in range(repeats):
@@ -310,18 +306,24 @@ def peak_rss(model_name: str, opt_name: str, llama_layers: int) -> Optional[int]
 
 TRAINER_OPTIMS = {"adamw_torch_fused": ("adamw_torch_fused", None), "slimadam": ("slimadam", None),
                   "slimadam foreach": ("slimadam", "implementation=foreach"),
-                  "slimadam compiled": ("slimadam", "implementation=compiled")}
+                  "slimadam int8 m": ("slimadam", "momentum_dtype=int8"),
+                  "slimadam bf16 m": ("slimadam", "momentum_dtype=bfloat16"),
+                  "slimadam robust": ("slimadam", "robust=true"),
+                  "adamw_bnb_8bit": ("adamw_bnb_8bit", None),
+                  "adamw_torch_8bit": ("adamw_torch_8bit", None)}
 
 
-def trainer_child(model_name: str, optim_name: str, steps: int, batch: int, seq: int) -> None:
-    """Train ``steps`` steps with the HF Trainer; print the steady-state tokens/s (steps after the first 2)."""
+def trainer_child(model_name: str, optim_name: str, steps: int, batch: int, seq: int, device: str = "cpu",
+                  llama_layers: int = 2) -> None:
+    """Train ``steps`` steps with the HF Trainer (bf16 autocast on CUDA); print the steady-state tokens/s
+    (steps after the first 2) and, on CUDA, the peak allocated memory."""
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     import slimadam_hf
 
     slimadam_hf.register()
-    model = build_model(model_name, 2, "cpu")
+    model = build_model(model_name, llama_layers, device)
     for p in model.parameters():
         p.grad = None
     vocab = model.config.vocab_size
@@ -337,41 +339,58 @@ def trainer_child(model_name: str, optim_name: str, steps: int, batch: int, seq:
     optim, optim_args = TRAINER_OPTIMS[optim_name]
     args = TrainingArguments(
         output_dir="/tmp/bench_step_trainer", optim=optim, optim_args=optim_args, max_steps=steps,
-        per_device_train_batch_size=batch, learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=batch, learning_rate=1e-4, use_cpu=device == "cpu", bf16=device == "cuda",
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )
     transformers.logging.set_verbosity_error()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
     steady = ends[2:]
-    print(json.dumps({"tokens_per_s": (len(steady) - 1) * batch * seq / (steady[-1] - steady[0])}))
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    print(json.dumps({"tokens_per_s": (len(steady) - 1) * batch * seq / (steady[-1] - steady[0]), "peak": peak}))
 
 
-def trainer_throughput(model_name: str, steps: int, batch: int, seq: int, repeats: int, names: list[str]) -> str:
+def trainer_throughput(model_name: str, steps: int, batch: int, seq: int, repeats: int, names: list[str],
+                       device: str = "cpu", llama_layers: int = 2) -> str:
     """Median tokens/s per ``--optim`` in ``names`` over ``repeats`` fresh processes, run in rotating order."""
     results: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, Optional[int]] = {}
+    failed: list[str] = []
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
             cmd = [sys.executable, __file__, "--trainer-child", model_name, name, "--trainer-steps", str(steps),
-                   "--trainer-batch", str(batch), "--trainer-seq", str(seq)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[name].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+                   "--trainer-batch", str(batch), "--trainer-seq", str(seq), "--device", device,
+                   "--llama-layers", str(llama_layers)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=name == names[0])
+            lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+            if out.returncode != 0 or not lines:  # an optional baseline (bitsandbytes, torchao) not installed
+                failed.append(f"- {name}: did not run ({(out.stderr.strip().splitlines() or ['?'])[-1][:160]})")
+                continue
+            data = json.loads(lines[-1])
+            results[name].append(data["tokens_per_s"])
+            peaks[name] = data.get("peak")
     base = statistics.median(results[names[0]])
-    lines = [f"### End to end: Trainer on {model_name}, batch {batch} x {seq} tokens, {steps} steps "
-             f"(tokens/s over steps 3..{steps}, median of {repeats} fresh processes)", "",
-             f"| --optim | tokens/s | vs {names[0]} |", "|---|---:|---:|"]
+    lines = [f"### End to end: Trainer on {model_name} ({device}{', bf16 autocast' if device == 'cuda' else ''}), "
+             f"batch {batch} x {seq} tokens, {steps} steps (tokens/s over steps 3..{steps}, median of {repeats} "
+             "fresh processes)", "", f"| --optim | tokens/s | vs {names[0]} | peak allocated GiB |",
+             "|---|---:|---:|---:|"]
     for name in names:
-        med = statistics.median(results[name])
-        lines.append(f"| {name} | {med:,.0f} | {med / base:.3f} |")
-    return "\n".join(lines)
+        if results[name]:
+            med = statistics.median(results[name])
+            peak = peaks.get(name)
+            lines.append(f"| {name} | {med:,.0f} | {med / base:.3f} | "
+                         f"{'n/a' if peak is None else f'{peak / 2**30:.1f}'} |")
+    return "\n".join(lines + [""] + sorted(set(failed)))
 
 
-# -- cold and warm first steps (kernel build / torch.compile) ----------------------------------------
+# -- cold and warm first steps (kernel build) ----------------------------------------
 
-FIRST_STEP_IMPLEMENTATIONS = ("fused", "compiled")
+FIRST_STEP_IMPLEMENTATIONS = ("fused",)
 
 
 def first_step_child(model_name: str, implementation: str) -> None:
-    """Time the first SlimAdamW step of a fresh process (kernel build or compile included)."""
+    """Time the first SlimAdamW step of a fresh process (kernel build included)."""
     model = build_model(model_name, 2, "cpu")
     opt = _slim(implementation)(model)
     start = time.perf_counter()
@@ -383,15 +402,14 @@ def first_step_child(model_name: str, implementation: str) -> None:
 
 
 def first_step_times(model_name: str) -> str:
-    """Cold (empty kernel and inductor caches) and warm (the same caches again) first steps, fresh processes."""
+    """Cold (empty kernel cache) and warm (the same cache again) first steps, fresh processes."""
     import tempfile
 
-    lines = [f"### First step of a fresh process on {model_name}: kernel build / compile", "",
+    lines = [f"### First step of a fresh process on {model_name}: kernel build", "",
              "| implementation | cold first step s | warm first step s | second step s |", "|---|---:|---:|---:|"]
     for impl in FIRST_STEP_IMPLEMENTATIONS:
         with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "SLIMADAM_HF_KERNEL_DIR": os.path.join(cache, "kernels"),
-                   "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
+            env = {**os.environ, "SLIMADAM_HF_KERNEL_DIR": os.path.join(cache, "kernels")}
             cmd = [sys.executable, __file__, "--first-step-child", model_name, impl]
             runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                                .stdout.strip().splitlines()[-1]) for _ in range(2)]
@@ -451,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-optimizer peak RSS subprocesses")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats, no compile (CI)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats (CI)")
     parser.add_argument("--output", default=None, help="also write the markdown to this file")
     parser.add_argument("--trainer", action="store_true",
                         help="also measure end-to-end Trainer tokens/s: adamw_torch_fused vs --optim slimadam")
@@ -462,13 +480,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--trainer-optims", nargs="+", default=list(TRAINER_OPTIMS), choices=list(TRAINER_OPTIMS),
                         help="which --optim settings to run end to end (the first is the baseline)")
     parser.add_argument("--first-steps", action="store_true",
-                        help="also time the first step of fresh processes, cold and warm caches (fused, compiled)")
+                        help="also time the first step of fresh processes, cold and warm kernel caches (fused)")
     parser.add_argument("--first-step-child", nargs=2, metavar=("MODEL", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     parser.add_argument("--trainer-child", nargs=2, metavar=("MODEL", "OPTIM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trainer_child:
-        trainer_child(*args.trainer_child, args.trainer_steps, args.trainer_batch, args.trainer_seq)
+        trainer_child(*args.trainer_child, args.trainer_steps, args.trainer_batch, args.trainer_seq, args.device,
+                      args.llama_layers)
         return 0
     if args.first_step_child:
         first_step_child(*args.first_step_child)
@@ -508,14 +527,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             for r in results if not args.smoke else results[1:2]:
                 r.peak_rss = peak_rss(model_name, r.name, args.llama_layers)
         text = table(model_name, nparams, results, adamw_state)
-        compiled = [r for r in results if r.compile_seconds > 0]
         notes = [f"- {s}" for s in skipped]
-        notes += [f"- {r.name}: compile time {r.compile_seconds:.1f} s (in the first step)" for r in compiled]
         notes.append(
             f"- {args.repeats} interleaved repeats (rotating order) after {args.warmup} warm-up steps; medians. "
             "CPU time = process CPU seconds per step (all threads), less sensitive to other load than wall time. "
             "Peak RSS growth: high-water mark over parameters + gradients, fresh process per optimizer, "
-            "3 steps (state + temporaries; for compiled variants it includes the compiler)."
+            "3 steps (state + temporaries)."
         )
         if model_name == "llama-1b":
             notes.append(f"- Llama-3.2-1B shapes with {args.llama_layers} of its 16 decoder layers.")
@@ -530,7 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.trainer:
         for model_name in args.models:
             block = trainer_throughput(model_name, args.trainer_steps, args.trainer_batch, args.trainer_seq,
-                                       args.trainer_repeats, args.trainer_optims)
+                                       args.trainer_repeats, args.trainer_optims, args.device, args.llama_layers)
             print(block, flush=True)
             out.append(block)
     if args.output:

@@ -14,21 +14,21 @@ from slimadam_hf.core import quant
 from slimadam_hf.core.options import OptionsError
 from tiny_models import tiny_model
 
-from test_perf_fastpath import COMPILED, HYPER, SPECS, _compare, _params, _run, needs_compiler
+from test_perf_fastpath import HYPER, SPECS, _compare, _params, _run
 
 
 def test_quantizer_error_is_within_the_companded_half_step():
     x = torch.randn(5, 300, dtype=torch.float64) * torch.logspace(-4, 0, 300, dtype=torch.float64)
-    codes, absmax = quant.quantize(x, quant.num_blocks(x.numel()))
+    codes, absmax = quant.quantize(x)
     back = quant.dequantize(codes, absmax, x.shape).double()
-    scale = quant._blocked(x.reshape(-1).abs(), codes.shape[0]).amax(1, keepdim=True)
-    scale = scale.expand(-1, quant.BLOCK).reshape(-1)[: x.numel()].view(x.shape)
+    scale = quant._blocked(x.abs()).amax(1, keepdim=True)  # rows of 300: blocks of 256 and 44 (+ padding)
+    scale = scale.expand(-1, quant.BLOCK).reshape(5, -1)[:, :300]
     u = x.abs() / scale
     half = 0.5 / 127
     bound = scale * half * (2 * u.sqrt() + half)  # |u - u'| <= |sqrt(u) - c/127| * (sqrt(u) + c/127)
     assert ((back - x).abs() <= bound * (1 + 1e-5) + 1e-12).all()
     assert (back - x).abs().max() > 0.1 * bound.max()  # the bound is tight, not vacuous
-    assert codes.dtype == torch.int8 and codes.shape == (quant.num_blocks(1500), quant.BLOCK)
+    assert codes.dtype == torch.int8 and codes.shape == (quant.num_blocks(x.shape), quant.BLOCK) == (10, quant.BLOCK)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,7 +55,7 @@ def test_foreach_int8_chunks_large_parameters_like_the_reference(monkeypatch):
     from slimadam_hf.core import chunked
 
     monkeypatch.setattr(chunked, "_CHUNK_ELEMS", 2 * quant.BLOCK)  # every parameter takes several chunks
-    assert all(len(chunked.row_chunks(torch.empty(shape))) >= 2 for shape, _ in CHUNKED)
+    assert all(len(chunked.row_chunks(torch.empty(shape))) >= 2 for shape, _ in CHUNKED if len(shape) > 1)
     runs = []
     for implementation in ("foreach", "reference"):
         g = torch.Generator().manual_seed(0)
@@ -70,11 +70,6 @@ def test_foreach_int8_chunks_large_parameters_like_the_reference(monkeypatch):
         assert torch.equal(opt_fast.state[a]["exp_avg"], opt_ref.state[b]["exp_avg"])
 
 
-@needs_compiler
-def test_compiled_int8_equals_reference():
-    _compare("compiled", torch.float32, momentum_dtype="int8", steps=8, which=COMPILED)
-
-
 def test_int8_state_is_codes_and_scales_and_tracks_float32_momentum():
     a, b = _params(torch.float32), _params(torch.float32)
     opt_a = SlimAdamW([{"params": a, "compress": SPECS}], **HYPER)
@@ -84,7 +79,7 @@ def test_int8_state_is_codes_and_scales_and_tracks_float32_momentum():
     for x, y in zip(a, b):
         state = opt_b.state[y]
         assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_absmax"].dtype == torch.float32
-        assert state["exp_avg"].shape == (quant.num_blocks(y.numel()), quant.BLOCK)
+        assert state["exp_avg"].shape == (quant.num_blocks(y.shape), quant.BLOCK)
         # 20 steps of at most lr each; the 8-bit moment stays within 5% of that path
         torch.testing.assert_close(y, x, rtol=0, atol=0.05 * HYPER["lr"] * 20)
 
@@ -127,7 +122,7 @@ def test_float32_momentum_checkpoint_converts_to_int8_and_back():
     wte = dict(model.named_parameters())["transformer.wte.weight"]
     saved_m = opt.state[wte]["exp_avg"]
     p8 = next(p for g in int8.param_groups for p in g["params"] if p.shape == wte.shape)
-    codes, absmax = quant.quantize(saved_m, quant.num_blocks(saved_m.numel()))
+    codes, absmax = quant.quantize(saved_m)
     assert torch.equal(int8.state[p8]["exp_avg"], codes) and torch.equal(int8.state[p8]["exp_avg_absmax"], absmax)
     back = build_slimadam(copy.deepcopy(model), lr=1e-3)
     back.load_state_dict(copy.deepcopy(int8.state_dict()))

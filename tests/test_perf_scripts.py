@@ -36,14 +36,6 @@ def test_bench_step_first_step_child_times_a_fresh_process():
     assert first["first"] > 0 and first["second"] > 0
 
 
-def test_bench_compile_scope_smoke(tmp_path):
-    """The one-graph-per-group experiment compiles and steps a tiny GPT-2 in a fresh process."""
-    md = tmp_path / "scope.md"
-    _run("bench_compile_scope.py", "--smoke", "--output", str(md))
-    row = next(l for l in md.read_text().splitlines() if l.startswith("| SlimAdamW compiled, one graph per group |"))
-    assert float(row.split("|")[5]) > 0  # step ms
-
-
 def test_bench_quality_smoke(tmp_path):
     _run("bench_quality.py", "--smoke", "--out", str(tmp_path), "--archs", "gpt2", "bert", "--no-vit",
          "--optimizers", "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam SNR", "Adalayer")

@@ -11,10 +11,8 @@ from slimadam_hf import SlimAdamW, build_slimadam, plan_compression
 from slimadam_hf.core.factored import STATE_KEY
 from tiny_models import tiny_model
 
-from test_perf_fastpath import needs_compiler
-
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-IMPLEMENTATIONS = ["foreach", "reference", pytest.param("compiled", marks=needs_compiler)]
+IMPLEMENTATIONS = ["foreach", "reference", "fused", "triton"]
 # a fused weight: rows 0-15 averaged over columns, rows 16-31 over rows, rows 32-47 full
 SPLIT = {"split_dim": 0, "sizes": [16, 16, 16], "dims": [[1], [0], None]}
 
@@ -57,7 +55,9 @@ def _param(opt: SlimAdamW) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_robust_follows_the_float64_factored_oracle(implementation):
+def test_robust_follows_the_float64_factored_oracle(implementation, request):
+    if implementation == "triton":
+        request.getfixturevalue("triton_interpreter")
     grads, p0 = _skewed_grads(6), torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     robust = _param(_train(implementation, True, grads, p0)).double()
     plain = _param(_train(implementation, False, grads, p0)).double()
@@ -89,9 +89,11 @@ def test_robust_equals_torch_adamw_when_the_second_moment_is_a_row_times_a_colum
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["foreach", pytest.param("compiled", marks=needs_compiler)])
+@pytest.mark.parametrize("implementation", ["foreach", "triton"])
 @pytest.mark.parametrize("momentum_dtype", [None, "int8"])
-def test_robust_fast_paths_equal_the_reference_on_a_split_weight(implementation, momentum_dtype):
+def test_robust_fast_paths_equal_the_reference_on_a_split_weight(implementation, momentum_dtype, request):
+    if implementation == "triton":
+        request.getfixturevalue("triton_interpreter")
     grads = [g.repeat(3, 1)[:48, :32] for g in _skewed_grads(5, (16, 64))]
     p0 = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
     fast = _train(implementation, True, grads, p0, SPLIT, momentum_dtype)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from .compress_spec import Segment
 from .factored import Complement, factors
-from .quant import BLOCK, QuantizedMomentum
+from . import quant
+from .quant import QuantizedMomentum
 from .reductions import mean_of_squares
 
 
@@ -21,11 +22,11 @@ _CHUNK_ELEMS = 1 << 20
 
 
 def row_chunks(param: Tensor) -> list[tuple[int, int]]:
-    """``(first row, rows)`` pieces of ``param`` whose flat starts fall on quantization blocks."""
-    rows = param.shape[0] if param.dim() else 1
-    row_numel = param.numel() // max(rows, 1) if param.dim() else 1
-    align = BLOCK // math.gcd(row_numel, BLOCK) if row_numel else 1
-    step = max(align, (_CHUNK_ELEMS // max(row_numel, 1)) // align * align)
+    """``(first row, rows)`` pieces of ``param`` of about :data:`_CHUNK_ELEMS` elements (whole rows, so whole
+    quantization blocks)."""
+    rows = param.shape[0] if param.dim() > 1 else 1
+    row_numel = param.numel() // max(rows, 1)
+    step = max(1, _CHUNK_ELEMS // max(row_numel, 1))
     return [(r, min(step, rows - r)) for r in range(0, rows, step)]
 
 
@@ -80,14 +81,12 @@ def quantized_update(
         w = complement.moment(k)
         w.mul_(beta2).add_(complement.statistic(k, g), alpha=1 - beta2)
         denominators.append(factors(seg.denominator_view(v), comp.denominator_view(w), w, bias_correction2_sqrt))
-    row_numel = param.numel() // max(param.shape[0], 1) if param.dim() else 0
+    per_row = quant.blocks_per_row(param.shape)
     for first, count in row_chunks(param):
-        p_rows = param.narrow(0, first, count) if param.dim() else param
-        g_rows = grad.narrow(0, first, count) if param.dim() else grad
-        start = first * row_numel // BLOCK  # a whole block: _row_chunks aligns the chunks
-        blocks = -(-(p_rows.numel()) // BLOCK)
-        chunk = QuantizedMomentum(exp_avg.codes[start : start + blocks], exp_avg.absmax[start : start + blocks],
-                                  p_rows.shape)
+        p_rows = param.narrow(0, first, count) if param.dim() > 1 else param
+        g_rows = grad.narrow(0, first, count) if param.dim() > 1 else grad
+        blocks = slice(first * per_row, (first + count) * per_row)
+        chunk = QuantizedMomentum(exp_avg.codes[blocks], exp_avg.absmax[blocks], p_rows.shape)
         m_rows = chunk.store_(chunk.dequantize().lerp_(g_rows.float(), 1 - beta1))
         for seg, denom in zip(segs, denominators):
             pieces = _chunk_pieces(seg, first, count)
@@ -100,7 +99,7 @@ def quantized_update(
                 d_first = p_first - seg.offset
             else:
                 p_view, m_view, d_first = seg.view(p_rows), seg.view(m_rows), p_first
-            d = [x.narrow(0, d_first, rows) if x.dim() and x.shape[0] > 1 else x for x in denom]
+            d = [x.narrow(0, d_first, rows) if param.dim() > 1 and x.shape[0] > 1 else x for x in denom]
             p_view.addcdiv_(m_view, d[0] if len(d) == 1 else (d[0] * d[1]).add_(eps), value=neg_step_size)
 
 

@@ -29,10 +29,11 @@ Implementations (``implementation=``):
   against;
 * ``"fused"``: :func:`slimadam_hf.core.fused.fused_slimadamw`, a C++ kernel for float32 CPU parameters
   (one pass per row); the default where it builds, the rest of a batch taking ``"foreach"``;
+* ``"triton"``: :func:`slimadam_hf.core.triton_step.triton_slimadamw`, Triton kernels for CUDA parameters
+  (a handful of launches per step; one pass per row where the second moment is kept per row), the rest of a
+  batch taking ``"foreach"``;
 * ``"foreach"``: :func:`_multi_tensor_slimadamw`, the same math batched with ``torch._foreach_*`` kernels
-  and no full-size temporaries; any device;
-* ``"compiled"``: :func:`slimadam_hf.core.compiled.compiled_slimadamw`, ``torch.compile``-d kernels that
-  make each parameter's step a single pass over ``p``, ``g``, ``m``.
+  and no full-size temporaries; any device.
 """
 
 from __future__ import annotations
@@ -104,10 +105,8 @@ def slimadamw(
     """
     if implementation == "fused":
         impl = _fused_or_foreach
-    elif implementation == "compiled":
-        from .compiled import compiled_slimadamw
-
-        impl = compiled_slimadamw
+    elif implementation == "triton":
+        impl = _triton_or_foreach
     elif implementation == "foreach":
         impl = _multi_tensor_slimadamw
     elif implementation == "reference":
@@ -145,6 +144,27 @@ def _fused_or_foreach(
         picked = [i for i, c in enumerate(covered) if c == keep]
         if picked:
             impl(*([seq[i] for i in picked] for seq in seqs), **hyper)
+
+
+def _triton_or_foreach(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    param_segments: Sequence[Sequence[Segment]],
+    second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
+    noise: Sequence[Optional[int]],
+    complements: Sequence[Optional[Complement]],
+    **hyper: float,
+) -> None:
+    """``"triton"``: the parameters the Triton kernels cover through them, the others through foreach."""
+    from .triton_step import triton_slimadamw
+
+    seqs = (params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise, complements)
+    rest = triton_slimadamw(*seqs, **hyper)
+    if rest:
+        _multi_tensor_slimadamw(*([seq[i] for i in rest] for seq in seqs), **hyper)
 
 
 def _single_tensor_slimadamw(

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 
-IMPLEMENTATIONS = ("fused", "foreach", "compiled", "reference")
-"""``SlimAdamW(implementation=...)``: C++ CPU kernel, batched eager kernels, ``torch.compile``-d kernels, plain loop."""
+IMPLEMENTATIONS = ("fused", "triton", "foreach", "reference")
+"""``SlimAdamW(implementation=...)``: C++ CPU kernel, Triton CUDA kernels, batched eager kernels, plain loop."""
+
+RETIRED_IMPLEMENTATIONS = ("compiled",)
+"""Names that older configs and checkpoints carry: read as the default (the fast path of the device)."""
 
 AUTO_SNR_PRESET = "auto-snr"
 """``preset="auto-snr"``: probe with full second moments, derive the rules by SNR, compress in place."""
@@ -73,6 +77,16 @@ def check_momentum_dtype(name: Optional[str], param: torch.Tensor, where: str) -
         )
 
 
+def retire_implementation(name: Optional[str]) -> Optional[str]:
+    """``name``, or ``None`` (the device's fast path) with a one-line notice for a retired implementation."""
+    if name in RETIRED_IMPLEMENTATIONS:
+        logging.getLogger("slimadam_hf").warning(
+            "SlimAdamW: implementation=%r is retired (it was slower than the default on CPU and GPU); using the "
+            "default, the device's fast path (fused on CPU, triton on CUDA)", name)
+        return None
+    return name
+
+
 def _option(default: Any, help: str, kind: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, "kind": kind, **extra})
 
@@ -120,9 +134,9 @@ class SlimAdamConfig:
     weight_decay: float = _option(1e-2, "decoupled weight decay (not on biases and norms)", "float",
                                   training_arg="--weight_decay")
     implementation: Optional[str] = _option(
-        None, "fused (C++ kernel for float32 CPU weights, the default where it builds), foreach (eager "
-        "batched kernels, any device), compiled (torch.compile) or reference (plain loop)", "choice",
-        choices=IMPLEMENTATIONS)
+        None, "fused (C++ kernel for float32 CPU weights), triton (Triton kernels for CUDA weights), foreach "
+        "(eager batched kernels, any device) or reference (plain loop); default: the device's fast path",
+        "choice", choices=IMPLEMENTATIONS, retired=RETIRED_IMPLEMENTATIONS)
     momentum_dtype: Optional[str] = _option(
         None, "storage of the first moment: none (the parameter's dtype), float32, bfloat16 (half its memory) "
         "or int8 (block-quantized, about a quarter)", "dtype")
@@ -167,6 +181,7 @@ class SlimAdamConfig:
         self.betas = betas  # type: ignore[assignment]
         if not 0.0 <= self.weight_decay:
             raise OptionsError(f"weight_decay={self.weight_decay}: it must be >= 0")
+        self.implementation = retire_implementation(self.implementation)
         if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
             raise OptionsError(
                 f"implementation={self.implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}"
@@ -279,7 +294,7 @@ class SlimAdamConfig:
         try:
             if kind == "choice":
                 choices = f.metadata["choices"]
-                if text not in choices:
+                if text not in choices + f.metadata.get("retired", ()):
                     raise ValueError(f"expected one of {', '.join(choices)}")
                 value: Any = text
             elif kind == "dtype":

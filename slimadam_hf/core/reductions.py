@@ -7,7 +7,10 @@ from torch import Tensor
 
 
 def mean_of_squares(g: Tensor, dims: tuple[int, ...], v: Tensor) -> Tensor:
-    return sum_of_squares(g, dims, v.dtype).mul_(v.numel() / g.numel())
+    total = sum_of_squares(g, dims, v.dtype)
+    if g.numel() == 0:  # an empty split part: a mean of nothing, as torch.mean gives it
+        return total.fill_(float("nan"))
+    return total.mul_(v.numel() / g.numel())
 
 
 # Row block of the streamed column reduction: about 256 KiB of float32 accumulators, cache resident.
@@ -21,7 +24,7 @@ def sum_of_squares(g: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tens
     with the norm kernel strides down columns and is an order of magnitude slower than a pass over
     the data, so rows are streamed through a small accumulator block instead.
     """
-    if g.device.type == "cpu" and g.dim() == 2 and dims == (0,) and g.stride(1) == 1:
+    if g.device.type == "cpu" and g.dim() == 2 and dims == (0,) and g.stride(1) == 1 and g.shape[1] > 0:
         rows, cols = g.shape
         block = max(1, _COLUMN_BLOCK_ELEMS // cols)
         if rows > 2 * block:

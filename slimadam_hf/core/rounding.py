@@ -2,9 +2,11 @@
 
 Round-to-nearest (the default) loses updates smaller than half a bf16 ulp, which biases a slowly changing
 moment; ``momentum_rounding="stochastic"`` rounds a bfloat16 moment up or down with probability given by
-the distance (unbiased: the expected stored value is the float32 one). Its random bits come from a
-generator seeded by ``(noise key, chunk)``, the noise key from the run's seed, the parameter's position and
-the step, so a run is reproducible under a fixed seed and a resumed run is bitwise the uninterrupted one.
+the distance (unbiased: the expected stored value is the float32 one). Its 16 random bits per element are a
+hash of the element's flat position in the parameter and a noise key (from the run's seed, the parameter's
+position and the step): :func:`element_noise`. Every path (eager, Triton) and every sharding draws the same
+bits for the same element, a run is reproducible under a fixed seed, and a resumed run is bitwise the
+uninterrupted one.
 
 The work goes chunk by chunk (:data:`CHUNK` elements) so the float32 workspace stays a few MiB.
 """
@@ -33,22 +35,55 @@ def noise_key(base: Optional[int], step: float, exp_avg: Any) -> Optional[int]:
     return base * 1_000_033 + int(step)
 
 
-def _chunks(m: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulmod32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in ``[0, 2**32)``, without overflowing int64."""
+    return (x.bitwise_and(0xFFFF).mul(c) + x.bitwise_right_shift(16).mul(c).bitwise_and(0xFFFF).bitwise_left_shift(16)
+            ).bitwise_and_(_MASK32)
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (``lowbias32``, C. Wellons) of int64 ``x`` in ``[0, 2**32)``; the Triton kernel
+    computes the same on uint32."""
+    x = x.bitwise_xor(x.bitwise_right_shift(16))
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x.bitwise_xor(x.bitwise_right_shift(15))
+    x = _mulmod32(x, 0x846CA68B)
+    return x.bitwise_xor(x.bitwise_right_shift(16))
+
+
+def noise_seed(key: int) -> int:
+    """The 32-bit seed of a noise key: ``lowbias32`` of the key folded to 32 bits."""
+    folded = torch.tensor([(key ^ (key >> 32) ^ (key >> 64)) & _MASK32], dtype=torch.int64)
+    return int(mix32(folded).item())
+
+
+def element_noise(seed: int, positions: Tensor) -> Tensor:
+    """16 random bits (int32, ``[0, 2**16)``) for the elements at flat ``positions`` (int64) under ``seed``."""
+    x = positions.bitwise_and(_MASK32).bitwise_xor_(seed)
+    return mix32(x).bitwise_and_(_LOW_BITS - 1).to(torch.int32)
+
+
+def _chunks(m: Tensor, g: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
     if not (m.is_contiguous() and g.is_contiguous()):
-        yield m, g
+        yield 0, m, g
         return
     flat_m, flat_g = m.view(-1), g.reshape(-1)
     for start in range(0, flat_m.numel(), CHUNK):
-        yield flat_m[start : start + CHUNK], flat_g[start : start + CHUNK]
+        yield start, flat_m[start : start + CHUNK], flat_g[start : start + CHUNK]
 
 
-def lerp_low_precision_(m: Tensor, g: Tensor, weight: float, key: Optional[int] = None) -> None:
-    """``m <- m + weight * (g - m)`` in float32, stored into ``m``'s dtype: nearest, or stochastic with ``key``."""
-    for index, (m_part, g_part) in enumerate(_chunks(m, g)):
+def lerp_low_precision_(m: Tensor, g: Tensor, weight: float, key: Optional[int] = None, offset: int = 0) -> None:
+    """``m <- m + weight * (g - m)`` in float32, stored into ``m``'s dtype: nearest, or stochastic with ``key``.
+
+    ``offset``: the flat position of ``m``'s first element in its whole parameter (a shard's start)."""
+    seed = None if key is None else noise_seed(key)  # noise_key gives keys for bfloat16 moments only
+    for start, m_part, g_part in _chunks(m, g):
         exact = m_part.float().lerp_(g_part.float(), weight)
-        if key is not None:  # noise_key gives keys for bfloat16 moments only
-            generator = torch.Generator(device=exact.device).manual_seed((key * 65_537 + index) % (1 << 62))
-            noise = torch.randint(0, _LOW_BITS, exact.shape, generator=generator, dtype=torch.int32,
-                                  device=exact.device)
+        if seed is not None:
+            positions = torch.arange(offset + start, offset + start + exact.numel(), device=exact.device)
+            noise = element_noise(seed, positions).view(exact.shape)
             exact.view(torch.int32).add_(noise).bitwise_and_(-_LOW_BITS)  # now exactly a bfloat16 value
         m_part.copy_(exact)

@@ -27,7 +27,7 @@ from ..core.compress_spec import (
     second_moment_dtype,
     second_moment_shape,
 )
-from ..core.options import check_momentum_dtype, momentum_dtype_for
+from ..core.options import check_momentum_dtype, momentum_dtype_for, retire_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +107,22 @@ def _first_moment(saved: Tensor, absmax: Optional[Tensor], param: Tensor, live_d
                   name: str) -> dict[str, Tensor]:
     """The live state entries for a saved first moment (``exp_avg`` and, for int8, ``exp_avg_absmax``)."""
     if absmax is not None:  # saved as int8 codes
-        blocks = quant.num_blocks(param.numel())
-        if saved.dtype != torch.int8 or tuple(saved.shape) != (blocks, quant.BLOCK) or absmax.numel() != blocks:
+        blocks = quant.num_blocks(param.shape)
+        if saved.dtype == torch.int8 and tuple(saved.shape) == (blocks, quant.BLOCK) and absmax.numel() == blocks:
+            scales = absmax.float().view(blocks, 1)
+            if live_dtype == "int8":
+                return {"exp_avg": saved.to(param.device), "exp_avg_absmax": scales.to(param.device)}
+            saved = quant.dequantize(saved, scales, param.shape)
+        elif (saved.dtype == torch.int8 and tuple(saved.shape) == (quant.flat_num_blocks(param.shape), quant.BLOCK)
+              and absmax.numel() == saved.shape[0]):  # the earlier flat layout: read, then stored anew
+            saved = quant.dequantize_flat(saved, absmax.float().view(-1, 1), param.shape)
+        else:
             raise ValueError(
                 f"checkpoint exp_avg of parameter {name!r} is int8 codes of shape {list(saved.shape)} with "
                 f"{absmax.numel()} scales, which cannot hold this parameter ({param.numel()} values need "
                 f"{blocks} blocks of {quant.BLOCK}); it was saved for another model or version and cannot be "
                 "converted: start the optimizer fresh"
             )
-        if live_dtype == "int8":
-            return {"exp_avg": saved.to(param.device), "exp_avg_absmax": absmax.float().view(blocks, 1).to(param.device)}
-        saved = quant.dequantize(saved, absmax.float().view(blocks, 1), param.shape)
     if tuple(saved.shape) != tuple(param.shape):
         raise ValueError(
             f"checkpoint exp_avg of parameter {name!r} has shape {list(saved.shape)}, the parameter "
@@ -149,6 +154,7 @@ def load_into(optimizer: Any, state_dict: dict[str, Any], load: Callable[[dict[s
         group = {k: v for k, v in saved.items() if k in live and k != "compress"}
         if "compress" in live:
             group["compress"] = live["compress"]
+        retire_implementation(saved.get("implementation"))  # a notice for a checkpoint of a retired path
         for key in LIVE_OPTIONS:  # compute choices belong to the live optimizer, not to the checkpoint
             group[key] = live[key]
         groups.append(group)

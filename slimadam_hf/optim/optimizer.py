@@ -20,8 +20,15 @@ from ..core.compress_spec import (
 )
 from ..core.functional import UpdateBatch, slimadamw
 from ..core.fused import fused_available
+from ..core.triton_step import triton_available
 from ..core import factored, quant
-from ..core.options import SlimAdamConfig, check_momentum_dtype, momentum_dtype_for, momentum_dtype_name
+from ..core.options import (
+    SlimAdamConfig,
+    check_momentum_dtype,
+    momentum_dtype_for,
+    momentum_dtype_name,
+    retire_implementation,
+)
 from ..distributed import dtensor, zero
 from ..distributed.guards import (
     UnsupportedShardingError,
@@ -59,12 +66,16 @@ def _as_float(value: float | Tensor) -> float:
 
 
 def _implementation(group: dict[str, Any]) -> str:
-    """The group's implementation; by default the fused CPU kernel where it has float32 CPU parameters and
-    the kernel builds, else foreach (the same update)."""
+    """The group's implementation; by default the device's fast path: the Triton kernels where it has CUDA
+    parameters and Triton imports, the fused CPU kernel where it has float32 CPU parameters and the kernel
+    builds, else foreach (the same update)."""
     if group["implementation"] is not None:
         return group["implementation"]
     if group["foreach"] is not None:
         return "foreach" if group["foreach"] else "reference"
+    devices = {p.device for p in group["params"]}
+    if any(d.type == "cuda" for d in devices) and triton_available(next(d for d in devices if d.type == "cuda")):
+        return "triton"
     if any(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"]) and fused_available():
         return "fused"
     return "foreach"
@@ -92,12 +103,13 @@ class SlimAdamW(Optimizer):
         weight_decay: decoupled weight decay, as in AdamW.
         foreach: ``True`` is ``implementation="foreach"``, ``False`` ``"reference"`` (kept for
             compatibility; ``implementation`` says more).
-        implementation: ``None`` (the default): ``"fused"`` for float32 CPU parameters when its kernel
-            builds, else ``"foreach"``. ``"fused"``: a C++ kernel for float32 CPU parameters, one pass per
+        implementation: ``None`` (the default): ``"triton"`` for CUDA parameters, ``"fused"`` for float32 CPU
+            parameters when its kernel builds, else ``"foreach"``. ``"fused"``: a C++ kernel for float32 CPU parameters, one pass per
             row (built on first use, about 3 s, cached per machine; needs a C++ compiler); other parameters
             take the foreach path. ``"foreach"``: eager, batched ``torch._foreach_*`` kernels, any device.
-            ``"compiled"``: ``torch.compile``-d kernels per parameter (compiles on first step; a C++
-            compiler on CPU or Triton on GPU). ``"reference"``: plain per-tensor loop.
+            ``"triton"``: Triton kernels for CUDA parameters, a handful of launches per step (the default on
+            CUDA where Triton imports; other parameters take the foreach path). ``"reference"``: plain
+            per-tensor loop. ``"compiled"`` is retired: it is read as the default, with a notice.
         momentum_dtype: storage of the first moment ``exp_avg``: ``None`` (the parameter's dtype),
             ``torch.bfloat16`` / ``"bfloat16"`` (half the first-moment memory; updated in float32 and
             rounded) or ``"int8"`` (block-quantized codes and scales, :mod:`slimadam_hf.core.quant`).
@@ -153,7 +165,8 @@ class SlimAdamW(Optimizer):
         zero.remember_params(self, group)  # DeepSpeed ZeRO later swaps them for flat partitions
         # a group may set its own options: check them as the constructor's
         group["momentum_dtype"] = momentum_dtype_name(group["momentum_dtype"])
-        SlimAdamConfig(implementation=group["implementation"], foreach=group["foreach"])
+        group["implementation"] = SlimAdamConfig(implementation=group["implementation"],
+                                                 foreach=group["foreach"]).implementation
         names = group.get("param_names") or [f"params[{i}]" for i in range(len(group["params"]))]
         for p, name in zip(group["params"], names):
             check_momentum_dtype(group["momentum_dtype"], p, f"parameter {name!r}")
@@ -278,9 +291,7 @@ class SlimAdamW(Optimizer):
                 second_moment_stats=batch.stats,
                 rounding_seed=group["rounding_seed"] if group["momentum_rounding"] == "stochastic" else None,
                 exp_avg_sq_complements=batch.complements,
-                # compiled kernels are per weight; a flat partition runs the eager batched update
-                implementation="foreach" if flat is not None and _implementation(group) == "compiled"
-                else _implementation(group),
+                implementation=_implementation(group),
                 lr=_as_float(group["lr"]),
                 beta1=_as_float(beta1),
                 beta2=_as_float(beta2),
@@ -306,7 +317,7 @@ class SlimAdamW(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
-            group.setdefault("implementation", None)
+            group["implementation"] = retire_implementation(group.get("implementation"))
             group.setdefault("momentum_dtype", None)
             group.setdefault("momentum_rounding", "nearest")
             group.setdefault("robust", False)

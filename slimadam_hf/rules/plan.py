@@ -158,7 +158,7 @@ class CompressionPlan:
     def first_moment_bytes(self, entry: PlanEntry) -> int:
         """Bytes of one parameter's ``exp_avg`` under :attr:`momentum_dtype` (int8: codes plus block scales)."""
         if self.momentum_dtype == "int8":
-            return quant.num_blocks(entry.numel) * (quant.BLOCK + 4)
+            return quant.num_blocks(entry.shape) * (quant.BLOCK + 4)
         dtype = entry.dtype if self.momentum_dtype is None else getattr(torch, self.momentum_dtype)
         return entry.numel * _bytes(dtype)
 
