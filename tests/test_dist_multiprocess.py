@@ -63,6 +63,12 @@ def test_fsdp2_with_bfloat16_momentum(results):
     assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12
 
 
+def test_fsdp2_stochastic_rounding_draws_the_single_process_noise(results):
+    # the noise is keyed by each element's position in the whole weight, so a shard rounds as one process does
+    r = harness.worker_result(results, "fsdp2_momentum_bf16_stochastic")
+    assert r["diff"]["params"] < 1e-12 and r["diff"]["state"] < 1e-12  # one bf16 ulp of m would be ~1e-3
+
+
 @pytest.mark.parametrize("name", ["fsdp2_robust", "hsdp_robust"])
 def test_fsdp2_robust_is_exact(results, name):
     # the factored second moment's complement is replicated: partial means on each shard, one all-reduce

@@ -209,3 +209,28 @@ def test_the_retired_compiled_implementation_still_loads_with_a_notice(caplog):
     saved["param_groups"][0]["implementation"] = "compiled"  # a checkpoint written by an older version
     SlimAdamW(p).load_state_dict(saved)
     assert parse_optim_args("implementation=compiled")["implementation"] == "compiled"
+
+
+@pytest.mark.parametrize("implementation", ["triton", "foreach", "reference"])
+def test_stochastic_rounding_of_a_shard_draws_the_whole_weights_noise(implementation):
+    """Rows 0-2 and 3-6 of a weight stepped as two shards, each with its flat offset, round their first
+    moment exactly as the whole weight does."""
+    gen = torch.Generator().manual_seed(0)
+    p0, grads = torch.randn(7, 300, generator=gen), [torch.randn(7, 300, generator=gen) for _ in range(3)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, rounding_seed=5)
+
+    def run(rows: slice, offset: int):
+        n = rows.stop - rows.start
+        p, m, v, step = p0[rows].clone(), torch.zeros(n, 300, dtype=torch.bfloat16), torch.zeros(n, 1), torch.tensor(0.)
+        s = Segment(None, 0, n, (1,), 0, (n, 1))
+        for g in grads:
+            slimadamw([p], [g[rows]], [m], [v], [step], [(s,)], implementation=implementation, noise_offsets=[offset],
+                      **hyper)
+        return p, m
+
+    whole = run(slice(0, 7), 0)
+    shards = [run(slice(0, 3), 0), run(slice(3, 7), 3 * 300)]
+    assert torch.equal(torch.cat([m for _, m in shards]), whole[1])
+    torch.testing.assert_close(torch.cat([p for p, _ in shards]), whole[0], rtol=0, atol=0)
+    unkeyed = run(slice(3, 7), 0)[1]  # the shard's own positions draw other noise
+    assert not torch.equal(unkeyed, whole[1][3:])

@@ -51,7 +51,7 @@ from .chunked import factored_update_, quantized_update
 from .factored import Complement, factors
 from .quant import QuantizedMomentum
 from .reductions import mean_of_squares
-from .rounding import lerp_low_precision_, noise_bases, noise_key
+from .rounding import Noise, lerp_low_precision_, noise_bases, noise_key
 
 Stats = Optional[Sequence[Optional[Sequence[Optional[Tensor]]]]]
 """Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor (or ``None``) per segment."""
@@ -69,12 +69,14 @@ class UpdateBatch:
     segments: list[tuple[Segment, ...]] = field(default_factory=list)
     stats: list[Optional[list[Optional[Tensor]]]] = field(default_factory=list)
     complements: list[Optional[Complement]] = field(default_factory=list)
+    noise_offsets: list[int] = field(default_factory=list)  # a shard's first flat position in its parameter
 
-    def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None, complement=None) -> None:  # noqa: ANN001
+    def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None, complement=None,  # noqa: ANN001
+            noise_offset: int = 0) -> None:
         for seq, value in zip(
             (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.segments, self.stats,
-             self.complements),
-            (param, grad, exp_avg, exp_avg_sq, step, segs, stats, complement),
+             self.complements, self.noise_offsets),
+            (param, grad, exp_avg, exp_avg_sq, step, segs, stats, complement, noise_offset),
         ):
             seq.append(value)
 
@@ -95,12 +97,15 @@ def slimadamw(
     implementation: str = "foreach",
     second_moment_stats: Stats = None,
     rounding_seed: Optional[int] = None,
+    noise_offsets: Optional[Sequence[int]] = None,
     exp_avg_sq_complements: Optional[Sequence[Optional[Complement]]] = None,
 ) -> None:
     """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc).
 
     ``rounding_seed``: round a bfloat16 first moment stochastically, with noise keyed by this seed, the
     parameter's position in these lists and its step (:mod:`slimadam_hf.core.rounding`); ``None``: to nearest.
+    ``noise_offsets``: per tensor, the flat position of its first element in the whole parameter (a shard's
+    start), so that a sharded step draws each element's noise as one process does; ``None``: all 0.
     ``exp_avg_sq_complements``: factored second moments where an entry is a tensor (``robust=True``).
     """
     if implementation == "fused":
@@ -117,7 +122,7 @@ def slimadamw(
     complements = exp_avg_sq_complements if exp_avg_sq_complements is not None else [None] * len(params)
     impl(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, stats,
-        noise_bases(rounding_seed, len(params)), complements,
+        noise_bases(rounding_seed, len(params), noise_offsets), complements,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )
 
@@ -130,7 +135,7 @@ def _fused_or_foreach(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[int]],
+    noise: Sequence[Optional[Noise]],
     complements: Sequence[Optional[Complement]],
     **hyper: float,
 ) -> None:
@@ -154,7 +159,7 @@ def _triton_or_foreach(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[int]],
+    noise: Sequence[Optional[Noise]],
     complements: Sequence[Optional[Complement]],
     **hyper: float,
 ) -> None:
@@ -175,7 +180,7 @@ def _single_tensor_slimadamw(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[int]],
+    noise: Sequence[Optional[Noise]],
     complements: Sequence[Optional[Complement]],
     *,
     lr: float,
@@ -226,7 +231,7 @@ def _single_tensor_slimadamw(
             seg.view(param).addcdiv_(seg.view(exp_avg), denom, value=-step_size)
 
 
-def lerp_momentum_(exp_avgs: list[Tensor], grads: list[Tensor], weight: float, keys: list[Optional[int]]) -> None:
+def lerp_momentum_(exp_avgs: list[Tensor], grads: list[Tensor], weight: float, keys: list[Optional[Noise]]) -> None:
     """``m <- m + weight * (g - m)``; a momentum stored in another dtype, or rounded stochastically (a key),
     is updated in float32 chunk by chunk (:func:`~slimadam_hf.core.rounding.lerp_low_precision_`)."""
     same = [i for i, (m, g, key) in enumerate(zip(exp_avgs, grads, keys)) if m.dtype == g.dtype and key is None]
@@ -246,7 +251,7 @@ def _multi_tensor_slimadamw(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[int]],
+    noise: Sequence[Optional[Noise]],
     complements: Sequence[Optional[Complement]],
     *,
     lr: float,
@@ -282,7 +287,7 @@ def _multi_tensor_bucket(
     state_steps: list[Tensor],
     param_segments: list[Sequence[Segment]],
     second_moment_stats: list[Optional[Sequence[Tensor]]],
-    noise: list[Optional[int]],
+    noise: list[Optional[Noise]],
     complements: list[Optional[Complement]],
     *,
     lr: float,

@@ -13,7 +13,7 @@ The work goes chunk by chunk (:data:`CHUNK` elements) so the float32 workspace s
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -22,17 +22,28 @@ CHUNK = 1 << 20
 _LOW_BITS = 1 << 16  # float32 bits below bfloat16's mantissa
 
 
-def noise_bases(seed: Optional[int], count: int) -> list[Optional[int]]:
+class Noise(NamedTuple):
+    """A parameter's noise: its ``base`` (a step's key, from :func:`noise_key`) and the flat position of its
+    tensor's first element in the whole parameter (a shard's start; 0 unsharded)."""
+
+    base: int
+    offset: int = 0
+
+
+def noise_bases(seed: Optional[int], count: int, offsets: Optional[Sequence[int]] = None) -> list[Optional[Noise]]:
     """Per parameter position, the base of its noise keys (``None`` everywhere: round to nearest)."""
-    return [None if seed is None else seed * 1_000_003 + position for position in range(count)]
+    if seed is None:
+        return [None] * count
+    return [Noise(seed * 1_000_003 + position, 0 if offsets is None else offsets[position])
+            for position in range(count)]
 
 
-def noise_key(base: Optional[int], step: float, exp_avg: Any) -> Optional[int]:
+def noise_key(noise: Optional[Noise], step: float, exp_avg: Any) -> Optional[Noise]:
     """The key of one parameter's noise at ``step``; ``None`` (round to nearest) without a base or when
     ``exp_avg`` is not a bfloat16 tensor: stochastic rounding is for bfloat16 moments only."""
-    if base is None or getattr(exp_avg, "dtype", None) != torch.bfloat16:
+    if noise is None or getattr(exp_avg, "dtype", None) != torch.bfloat16:
         return None
-    return base * 1_000_033 + int(step)
+    return Noise(noise.base * 1_000_033 + int(step), noise.offset)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -75,15 +86,15 @@ def _chunks(m: Tensor, g: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
         yield start, flat_m[start : start + CHUNK], flat_g[start : start + CHUNK]
 
 
-def lerp_low_precision_(m: Tensor, g: Tensor, weight: float, key: Optional[int] = None, offset: int = 0) -> None:
-    """``m <- m + weight * (g - m)`` in float32, stored into ``m``'s dtype: nearest, or stochastic with ``key``.
-
-    ``offset``: the flat position of ``m``'s first element in its whole parameter (a shard's start)."""
-    seed = None if key is None else noise_seed(key)  # noise_key gives keys for bfloat16 moments only
+def lerp_low_precision_(m: Tensor, g: Tensor, weight: float, key: Union[None, int, Noise] = None) -> None:
+    """``m <- m + weight * (g - m)`` in float32, stored into ``m``'s dtype: nearest, or stochastic with ``key``
+    (a :class:`Noise` from :func:`noise_key`, or a bare key for a whole unsharded tensor)."""
+    noise = Noise(key) if isinstance(key, int) else key  # noise_key gives keys for bfloat16 moments only
+    seed = None if noise is None else noise_seed(noise.base)
     for start, m_part, g_part in _chunks(m, g):
         exact = m_part.float().lerp_(g_part.float(), weight)
         if seed is not None:
-            positions = torch.arange(offset + start, offset + start + exact.numel(), device=exact.device)
-            noise = element_noise(seed, positions).view(exact.shape)
-            exact.view(torch.int32).add_(noise).bitwise_and_(-_LOW_BITS)  # now exactly a bfloat16 value
-        m_part.copy_(exact)
+            first = noise.offset + start
+            positions = torch.arange(first, first + exact.numel(), device=exact.device)
+            exact.view(torch.int32).add_(element_noise(seed, positions).view(exact.shape)).bitwise_and_(-_LOW_BITS)
+        m_part.copy_(exact)  # after the noise, exactly a bfloat16 value

@@ -22,10 +22,11 @@ from . import quant
 from .compress_spec import Segment
 from .factored import Complement
 from .quant import QuantizedMomentum
+from .rounding import Noise
 
 from .triton_layout import (
     COLS, FIRST, G, KIND_FULL, KIND_PRE, KIND_ROWSTAT, MEAN, MOMENTUM_FLOAT, MOMENTUM_INT8, MOMENTUM_STOCHASTIC,
-    NOISE_SEED, ROWS,
+    NOISE_OFF, NOISE_SEED, ROWS,
 )
 
 FLAT_WIDTH = 1024  # a contiguous full-moment tensor is walked as rows of this many elements
@@ -121,7 +122,7 @@ def _first_programs(rows: Sequence[list[int]], programs: Sequence[int], first_fi
 
 def build_plan(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Any], exp_avg_sqs: Sequence[Tensor],
-    param_segments: Sequence[Sequence[Segment]], stats: Sequence[Any], noise: Sequence[Optional[int]],
+    param_segments: Sequence[Sequence[Segment]], stats: Sequence[Any], noise: Sequence[Optional[Noise]],
     complements: Sequence[Optional[Complement]], tensors: Sequence[Any], ema_block: int,
 ) -> Plan:
     """The plan of a batch; parameters the kernels do not cover are left out of ``covered``."""
@@ -186,7 +187,7 @@ def _rollback(builder: _Builder, snapshot: tuple) -> None:
 
 
 def _add_parameter(builder: _Builder, i: int, param: Tensor, grad: Tensor, exp_avg: Any, exp_avg_sq: Tensor,
-                   segs: Sequence[Segment], stats: Any, noise_base: Optional[int],
+                   segs: Sequence[Segment], stats: Any, noise: Optional[Noise],
                    complement: Optional[Complement]) -> None:
     int8 = isinstance(exp_avg, QuantizedMomentum)
     m_tensor = exp_avg.codes if int8 else exp_avg
@@ -198,14 +199,18 @@ def _add_parameter(builder: _Builder, i: int, param: Tensor, grad: Tensor, exp_a
         raise NotCovered
     if int8:
         momentum = MOMENTUM_INT8
-    elif noise_base is not None and m_tensor.dtype == torch.bfloat16:
+    elif noise is not None and m_tensor.dtype == torch.bfloat16:
         momentum = MOMENTUM_STOCHASTIC
     else:
         momentum = MOMENTUM_FLOAT
     bucket = (param.dtype, m_tensor.dtype, momentum)
     comps = (None,) * len(segs) if complement is None else complement.segments
+    first_job = len(builder.update.get(bucket, []))
     for k, (seg, comp) in enumerate(zip(segs, comps)):
         _add_segment(builder, i, k, bucket, param, exp_avg, exp_avg_sq, seg, stats, complement, comp)
+    if momentum == MOMENTUM_STOCHASTIC:  # positions in the whole parameter: a shard starts at its offset
+        for job in builder.update.get(bucket, [])[first_job:]:
+            job[NOISE_OFF] += noise.offset
 
 
 def _add_segment(builder: _Builder, i: int, k: int, bucket: tuple, param: Tensor, exp_avg: Any, exp_avg_sq: Tensor,

@@ -26,7 +26,7 @@ from torch import Tensor
 from .compress_spec import Segment
 from .factored import Complement
 from .quant import QuantizedMomentum
-from .rounding import noise_key, noise_seed
+from .rounding import Noise, noise_key, noise_seed
 from .triton_plan import MOMENTUM_INT8, STATS_ROWS, Plan, build_plan
 
 EMA_BLOCK = 1024
@@ -62,15 +62,15 @@ def triton_available(device: torch.device) -> bool:
 
 
 def _key(tensors: Sequence[Any], grads: Sequence[Tensor], segs: Sequence[Sequence[Segment]], stats: Sequence[Any],
-         noise: Sequence[Optional[int]]) -> tuple:
+         noise: Sequence[Optional[Noise]]) -> tuple:
     return (tuple(map(id, tensors)), tuple((g.dtype, g.is_contiguous()) for g in grads), tuple(map(tuple, segs)),
             tuple(None if s is None else tuple(x is not None for x in s) for s in stats),
-            tuple(n is not None for n in noise))
+            tuple(noise))
 
 
 def plan_for(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Any],
              exp_avg_sqs: Sequence[Tensor], param_segments: Sequence[Sequence[Segment]], stats: Sequence[Any],
-             noise: Sequence[Optional[int]], complements: Sequence[Optional[Complement]]) -> Plan:
+             noise: Sequence[Optional[Noise]], complements: Sequence[Optional[Complement]]) -> Plan:
     """The cached plan of these tensors (built on first sight, or again when any of them was replaced)."""
     tensors = [*params, *(m.codes if isinstance(m, QuantizedMomentum) else m for m in exp_avgs),
                *(m.absmax for m in exp_avgs if isinstance(m, QuantizedMomentum)), *exp_avg_sqs,
@@ -95,7 +95,7 @@ def triton_slimadamw(
     state_steps: Sequence[Tensor],
     param_segments: Sequence[Sequence[Segment]],
     second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[int]],
+    noise: Sequence[Optional[Noise]],
     complements: Sequence[Optional[Complement]],
     *,
     lr: float,
@@ -127,7 +127,7 @@ def _step_scalars(state_steps: Sequence[Tensor], covered: Sequence[int], lr: flo
 
 
 def _run(plan: Plan, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Any],
-         state_steps: Sequence[Tensor], stats: Sequence[Any], noise: Sequence[Optional[int]],
+         state_steps: Sequence[Tensor], stats: Sequence[Any], noise: Sequence[Optional[Noise]],
          complements: Sequence[Optional[Complement]], *, lr: float, beta1: float, beta2: float, eps: float,
          weight_decay: float) -> None:
     from . import triton_kernels as K
@@ -146,7 +146,7 @@ def _run(plan: Plan, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs
         handed.append(source)
         table[pos] = source.data_ptr()
     for pos, i in plan.noise_at:
-        table[pos] = noise_seed(noise_key(noise[i], state_steps[i].item() + 1, exp_avgs[i]))
+        table[pos] = noise_seed(noise_key(noise[i], state_steps[i].item() + 1, exp_avgs[i]).base)
     table = torch.cat([table, _step_scalars(state_steps, plan.covered, lr, beta1, beta2)])
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)

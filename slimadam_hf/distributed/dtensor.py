@@ -279,6 +279,23 @@ def _local_mean(g: Tensor, dims: Optional[tuple[int, ...]], dtype: torch.dtype, 
     return (g * g).sum(dim=dims, keepdim=True).div_(count)
 
 
+def noise_offset(param: Tensor, name: str) -> int:
+    """The flat position of ``param``'s local shard's first element in the whole parameter, so that stochastic
+    rounding draws each element's noise as one process does. Only shards of whole rows (dim 0, FSDP2's)
+    are a flat range; other placements are refused with the fix."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(param.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(shape, param.device_mesh, tuple(param.placements))
+    if tuple(local_shape[1:]) != shape[1:]:
+        raise UnsupportedShardingError(
+            f"SlimAdamW: momentum_rounding='stochastic' on parameter {name!r} sharded on a dim other than 0 "
+            f"(placements {tuple(param.placements)}) cannot draw the single-process noise; shard dim 0 (FSDP2's "
+            "default) or use momentum_rounding='nearest'"
+        )
+    return offset[0] * math.prod(shape[1:]) if shape else 0
+
+
 def local_inputs(
     owner: Any, state: dict[str, Any], param: Tensor, spec: CompressSpec, name: str, momentum_dtype: torch.dtype,
     robust: bool = False,

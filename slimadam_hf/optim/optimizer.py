@@ -246,6 +246,8 @@ class SlimAdamW(Optimizer):
                 shards.append(local)
                 batch.add(local.param, local.grad, local.exp_avg, local.exp_avg_sq, local.step, local.segments,
                           local.stats, local.complement)
+                if group["momentum_rounding"] == "stochastic":
+                    batch.noise_offsets[-1] = dtensor.noise_offset(p, name)
                 continue
             state = self._init_state(p, spec, name, group)
             segs = cached_segments(spec, p.shape, name)
@@ -290,6 +292,7 @@ class SlimAdamW(Optimizer):
                 batch.segments,
                 second_moment_stats=batch.stats,
                 rounding_seed=group["rounding_seed"] if group["momentum_rounding"] == "stochastic" else None,
+                noise_offsets=batch.noise_offsets,
                 exp_avg_sq_complements=batch.complements,
                 implementation=_implementation(group),
                 lr=_as_float(group["lr"]),

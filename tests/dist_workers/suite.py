@@ -16,6 +16,8 @@ CHECKS = {
     "hsdp_replicate2_shard1": functools.partial(fsdp2.exact_steps, hsdp=(2, 1)),
     "hsdp_replicate1_shard2": functools.partial(fsdp2.exact_steps, hsdp=(1, 2)),
     "fsdp2_momentum_bf16": functools.partial(fsdp2.exact_steps, momentum_dtype=torch.bfloat16),
+    "fsdp2_momentum_bf16_stochastic": functools.partial(fsdp2.exact_steps, momentum_dtype=torch.bfloat16,
+                                                        momentum_rounding="stochastic"),
     "fsdp2_robust": functools.partial(fsdp2.exact_steps, robust=True),
     "hsdp_robust": functools.partial(fsdp2.exact_steps, hsdp=(1, 2), robust=True),
     "fsdp2_accelerate_order": fsdp2.training_accelerate_order,
