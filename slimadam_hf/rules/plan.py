@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -13,6 +13,7 @@ import torch
 from ..core import quant
 from ..core.compress_spec import CompressSpec, cached_segments, second_moment_dtype, second_moment_numel
 from ..core.factored import complement_numel
+from ..core.options import momentum_dtype_name
 from .presets import canonical_name
 from .render import render_plan
 from .roles import Rule
@@ -124,6 +125,14 @@ class CompressionPlan:
             if name == entry.name or name in entry.aliases or canonical_name(entry.name) == name:
                 return entry
         raise KeyError(name)
+
+    def with_options(self, momentum_dtype: Any = None, robust: bool = False) -> "CompressionPlan":
+        """This plan with the optimizer's storage options, which every byte count below reads.
+
+        Every path that attaches a plan to an optimizer (``build_slimadam``, auto-snr, ``slimadam inspect``)
+        sets them here, so the state bytes are computed one way for all of them.
+        """
+        return replace(self, momentum_dtype=momentum_dtype_name(momentum_dtype), robust=bool(robust))
 
     def specs(self) -> dict[str, CompressSpec]:
         """Parameter name -> compress spec."""

@@ -101,7 +101,8 @@ def plan_with_specs(plan: CompressionPlan, targets: Sequence[SNRTarget], specs: 
                 for part, d in zip(e.parts, part_dims)
             )
             entries.append(dataclasses.replace(e, parts=parts, decided_by=label))
-    return CompressionPlan(entries, f"{AUTO_SNR_PRESET} ({plan.preset})", plan.model_type, list(plan.warnings))
+    return dataclasses.replace(plan, entries=entries, preset=f"{AUTO_SNR_PRESET} ({plan.preset})",
+                               warnings=list(plan.warnings))
 
 
 # -- the optimizer ----------------------------------------------------------------------------------
@@ -161,8 +162,8 @@ class AutoSNRSlimAdamW(SlimAdamW):
         self.cutoff = float(cutoff)
         self.select = select
         self.by_role = bool(by_role)
-        self.base_plan = base_plan
-        self.plan = plan_with_specs(base_plan, self.targets, {}, "auto-snr probe") if base_plan else None
+        self.base_plan = base_plan.with_options(config.momentum_dtype, config.robust) if base_plan else None
+        self.plan = plan_with_specs(self.base_plan, self.targets, {}, "auto-snr probe") if base_plan else None
         self.probe_step = 0
         self.switched_at: Optional[int] = None
         self.rules: Optional[dict[str, Optional[list[int]]]] = None
