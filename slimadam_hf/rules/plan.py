@@ -224,9 +224,11 @@ class CompressionPlan:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-    def render(self, width: Optional[int] = None, collapse_layers: bool = True, by: str = "tensor") -> str:
+    def render(
+        self, width: Optional[int] = None, collapse_layers: bool = True, by: str = "tensor", logger: Any = None
+    ) -> str:
         """The plan as text: see :func:`slimadam_hf.rules.render.render_plan`."""
-        return render_plan(self, width=width, collapse_layers=collapse_layers, by=by)
+        return render_plan(self, width=width, collapse_layers=collapse_layers, by=by, logger=logger)
 
     def __str__(self) -> str:
         return self.render()

@@ -335,8 +335,9 @@ def _state_bytes(opt: SlimAdamW, key: str) -> int:
     return sum(s[key].numel() * s[key].element_size() for s in opt.state.values() if key in s)
 
 
-def switch_summary(opt: AutoSNRSlimAdamW) -> str:
-    """What the switch chose: counts, memory, and the per-role plan table (when the plan is known)."""
+def switch_summary(opt: AutoSNRSlimAdamW, logger: Optional[logging.Logger] = None) -> str:
+    """What the switch chose: counts, memory, and the per-role plan table (when the plan is known),
+    fitted to the terminal of ``sys.stdout`` or, with ``logger``, of the logger's handlers."""
     rules = opt.rules or {}
     chosen = sum(d is not None for d in rules.values())
     v_now = _state_bytes(opt, "exp_avg_sq")
@@ -348,10 +349,10 @@ def switch_summary(opt: AutoSNRSlimAdamW) -> str:
         f"(freed {format_bytes(opt.freed_bytes)})",
     ]
     if opt.plan is not None:
-        lines.append(render_plan(opt.plan, by="role").rstrip())
+        lines.append(render_plan(opt.plan, by="role", logger=logger).rstrip())
     return "\n".join(lines)
 
 
 def _log_switch(opt: AutoSNRSlimAdamW) -> None:
     if is_main_process():
-        logger.info("%s", switch_summary(opt))
+        logger.info("%s", switch_summary(opt, logger))
