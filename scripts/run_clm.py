@@ -248,26 +248,27 @@ def _is_default_run(argv: list[str]) -> bool:
 def report(trainer: Trainer, metrics: dict, started: float, adamw_loss: Optional[float], adamw_source: str,
            output_dir: str) -> None:
     """The last lines: the loss, what AdamW reaches on the same run, and the memory saved."""
-    from slimadam_hf.rules.render import format_bytes, savings_line
+    from slimadam_hf.rules.render import fold, format_bytes, savings_clauses, terminal_width
 
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     measured = optimizer_state_bytes(optimizer)
     plan = getattr(optimizer, "plan", None)
     elapsed = time.time() - started
     loss = metrics.get("eval_loss", float("nan"))
-    lines = [f"final eval loss {loss:.4f} (perplexity {metrics.get('perplexity', float('nan')):.1f}) after "
-             f"{trainer.state.global_step} steps in {elapsed / 60:.1f} min with {type(optimizer).__name__}"]
+    statements = [[f"final eval loss {loss:.4f} (perplexity {metrics.get('perplexity', float('nan')):.1f}) after "
+                   f"{trainer.state.global_step} steps in {elapsed / 60:.1f} min with {type(optimizer).__name__}"]]
     if adamw_loss is not None:
-        lines.append(f"AdamW (adamw_torch_fused) {adamw_source}: eval loss {adamw_loss:.4f}; "
-                     f"{type(optimizer).__name__} is {100 * (loss / adamw_loss - 1):+.1f}% vs AdamW")
+        statements.append([f"AdamW (adamw_torch_fused) {adamw_source}: eval loss {adamw_loss:.4f}",
+                           f"{type(optimizer).__name__} is {100 * (loss / adamw_loss - 1):+.1f}% vs AdamW"])
     else:
-        lines.append("AdamW loss for these settings: rerun with --compare adamw to measure it")
+        statements.append(["AdamW loss for these settings: rerun with --compare adamw to measure it"])
     if plan is not None:
-        lines.append(f"{savings_line(plan)}; measured: {format_bytes(measured)} vs AdamW "
-                     f"{format_bytes(plan.adamw_state_bytes)}")
+        statements.append([*savings_clauses(plan),
+                           f"measured: {format_bytes(measured)} vs AdamW {format_bytes(plan.adamw_state_bytes)}"])
     else:
-        lines.append(f"optimizer state {format_bytes(measured)}")
-    print("\n" + "\n".join(f"== {line}" for line in lines))
+        statements.append([f"optimizer state {format_bytes(measured)}"])
+    width = terminal_width()  # None when stdout is not a terminal: each statement stays one line
+    print("\n" + "\n".join(line for clauses in statements for line in fold(clauses, width, prefix="== ")))
     summary = {"eval_loss": metrics.get("eval_loss"), "adamw_eval_loss": adamw_loss,
                "steps": trainer.state.global_step, "optimizer": type(optimizer).__name__,
                "optimizer_state_bytes": measured, "adamw_state_bytes": None if plan is None else plan.adamw_state_bytes,

@@ -134,14 +134,17 @@ def main() -> None:
         measured = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                        if isinstance(v, torch.Tensor) and v.dim() > 0)
         plan = getattr(optimizer, "plan", None)
-        print(f"\n== final eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}, eval loss "
-              f"{metrics.get('eval_loss', float('nan')):.4f} after {trainer.state.global_step} steps in "
-              f"{(time.time() - started) / 60:.1f} min with {type(optimizer).__name__}")
-        from slimadam_hf.rules.render import format_bytes, savings_line
+        from slimadam_hf.rules.render import fold, format_bytes, savings_clauses, terminal_width
 
+        width = terminal_width()  # None when stdout is not a terminal: each statement stays one line
+        print()
+        print("\n".join(fold([f"final eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}",
+                              f"eval loss {metrics.get('eval_loss', float('nan')):.4f} after "
+                              f"{trainer.state.global_step} steps in {(time.time() - started) / 60:.1f} min with "
+                              f"{type(optimizer).__name__}"], width, sep=", ", prefix="== ")))
         if plan is not None:
-            print(f"== {savings_line(plan)}; measured: {format_bytes(measured)} vs AdamW "
-                  f"{format_bytes(plan.adamw_state_bytes)}")
+            measured_clause = f"measured: {format_bytes(measured)} vs AdamW {format_bytes(plan.adamw_state_bytes)}"
+            print("\n".join(fold([*savings_clauses(plan), measured_clause], width, prefix="== ")))
         else:
             print(f"== optimizer state {format_bytes(measured)}")
 

@@ -191,6 +191,27 @@ def test_rules_match_offline_snr_pipeline(tmp_path, family):
     _train(model, opt, 1)
 
 
+def _state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+
+
+@pytest.mark.parametrize("momentum_dtype,robust", [("bfloat16", False), ("int8", False), ("int8", True)])
+def test_auto_snr_plan_counts_state_bytes_as_plan_compression(tmp_path, momentum_dtype, robust):
+    """The probe's and the switched plan's state bytes are the optimizer's, and plan_compression's for the
+    same rules and options: int8 codes and block scales, a bf16 first moment, robust's complements."""
+    options = dict(momentum_dtype=momentum_dtype, robust=robust, lr=1e-2)
+    model = tiny_gpt2()
+    opt = build_auto_snr(model, probe_steps=2, **options)
+    _train(model, opt, 1)
+    assert opt.switched_at is None and opt.plan.slimadam_state_bytes == _state_bytes(opt)
+    _train(model, opt, 1, seed=2)
+    assert opt.switched_at == 2 and (opt.plan.momentum_dtype, opt.plan.robust) == (momentum_dtype, robust)
+    static = build_slimadam(tiny_gpt2(), overrides=str(opt.save_rules(tmp_path / "rules.json")), **options).plan
+    assert opt.plan.second_moment_savings > 0  # something was compressed
+    assert opt.plan.totals() == static.totals()
+    assert opt.plan.slimadam_state_bytes == static.slimadam_state_bytes == _state_bytes(opt)
+
+
 def test_by_role_gives_one_rule_per_role():
     model = tiny_gpt2(n_layer=3)
     opt = build_auto_snr(model, probe_steps=3, by_role=True, cutoff=0.5, lr=1e-2)

@@ -19,7 +19,8 @@ TINY = ["--config_overrides", "n_layer=1,n_embd=16,n_head=2,n_positions=32", "--
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a pipe: each statement stays one line
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(RUN_CLM), *args], cwd=cwd, capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 from typing import Any, Optional
 
@@ -79,7 +78,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         dtype = getattr(torch, dtype)
     model.to(dtype)
     plan = plan_compression(model, args.preset, args.overrides)
-    plan = dataclasses.replace(plan, momentum_dtype=args.momentum_dtype or None, robust=args.robust)
+    plan = plan.with_options(args.momentum_dtype, args.robust)
     print(plan.render(width=args.width, collapse_layers=not args.all_layers), end="")
     if args.json:
         print(f"plan written to {plan.save_json(args.json)}")

@@ -22,12 +22,12 @@ class _LastResortHandler(logging.StreamHandler):
     """Prints ``slimadam_hf`` INFO records to stderr while nothing else is set up to show them.
 
     Once the application configures logging (``logging.basicConfig`` in an HF script), records
-    propagate to its handlers and this one stays silent, so nothing prints twice.
+    propagate to its handlers and this one filters them out, so nothing prints twice (and
+    :func:`~slimadam_hf.rules.render.log_layout` sees where they do go).
     """
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger().handlers:
-            super().emit(record)
+    def filter(self, record: logging.LogRecord) -> Any:
+        return not logging.getLogger().handlers and super().filter(record)
 
 
 def ensure_visible_logging() -> None:
@@ -52,7 +52,7 @@ def log_plan_summary(optimizer: SlimAdamW) -> None:
     optimizer._slimadam_summary_logged = True
     if is_main_process():
         ensure_visible_logging()
-        logger.info("%s", plan.render(by="role").rstrip())
+        logger.info("%s", plan.render(by="role", logger=logger).rstrip())
 
 
 def unwrap_slimadam(optimizer: Any) -> Optional[SlimAdamW]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable, Optional, Union
 
 from torch import nn
@@ -77,7 +76,7 @@ def build_slimadam(
             "slimadam_hf.build_auto_snr(model, probe_steps=N, ...)"
         )
     plan = plan if plan is not None else plan_compression(model, config.preset, config.overrides)
-    plan = dataclasses.replace(plan, momentum_dtype=config.momentum_dtype, robust=config.robust)
+    plan = plan.with_options(config.momentum_dtype, config.robust)
     optimizer = SlimAdamW.from_config(slimadam_param_groups(model, plan, config.weight_decay), config)
     optimizer.plan = plan
     return optimizer

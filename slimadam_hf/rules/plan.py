@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -13,6 +13,7 @@ import torch
 from ..core import quant
 from ..core.compress_spec import CompressSpec, cached_segments, second_moment_dtype, second_moment_numel
 from ..core.factored import complement_numel
+from ..core.options import momentum_dtype_name
 from .presets import canonical_name
 from .render import render_plan
 from .roles import Rule
@@ -125,6 +126,14 @@ class CompressionPlan:
                 return entry
         raise KeyError(name)
 
+    def with_options(self, momentum_dtype: Any = None, robust: bool = False) -> "CompressionPlan":
+        """This plan with the optimizer's storage options, which every byte count below reads.
+
+        Every path that attaches a plan to an optimizer (``build_slimadam``, auto-snr, ``slimadam inspect``)
+        sets them here, so the state bytes are computed one way for all of them.
+        """
+        return replace(self, momentum_dtype=momentum_dtype_name(momentum_dtype), robust=bool(robust))
+
     def specs(self) -> dict[str, CompressSpec]:
         """Parameter name -> compress spec."""
         return {e.name: e.spec for e in self.entries}
@@ -215,9 +224,11 @@ class CompressionPlan:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-    def render(self, width: Optional[int] = None, collapse_layers: bool = True, by: str = "tensor") -> str:
+    def render(
+        self, width: Optional[int] = None, collapse_layers: bool = True, by: str = "tensor", logger: Any = None
+    ) -> str:
         """The plan as text: see :func:`slimadam_hf.rules.render.render_plan`."""
-        return render_plan(self, width=width, collapse_layers=collapse_layers, by=by)
+        return render_plan(self, width=width, collapse_layers=collapse_layers, by=by, logger=logger)
 
     def __str__(self) -> str:
         return self.render()

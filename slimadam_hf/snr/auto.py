@@ -101,7 +101,8 @@ def plan_with_specs(plan: CompressionPlan, targets: Sequence[SNRTarget], specs: 
                 for part, d in zip(e.parts, part_dims)
             )
             entries.append(dataclasses.replace(e, parts=parts, decided_by=label))
-    return CompressionPlan(entries, f"{AUTO_SNR_PRESET} ({plan.preset})", plan.model_type, list(plan.warnings))
+    return dataclasses.replace(plan, entries=entries, preset=f"{AUTO_SNR_PRESET} ({plan.preset})",
+                               warnings=list(plan.warnings))
 
 
 # -- the optimizer ----------------------------------------------------------------------------------
@@ -161,8 +162,8 @@ class AutoSNRSlimAdamW(SlimAdamW):
         self.cutoff = float(cutoff)
         self.select = select
         self.by_role = bool(by_role)
-        self.base_plan = base_plan
-        self.plan = plan_with_specs(base_plan, self.targets, {}, "auto-snr probe") if base_plan else None
+        self.base_plan = base_plan.with_options(config.momentum_dtype, config.robust) if base_plan else None
+        self.plan = plan_with_specs(self.base_plan, self.targets, {}, "auto-snr probe") if base_plan else None
         self.probe_step = 0
         self.switched_at: Optional[int] = None
         self.rules: Optional[dict[str, Optional[list[int]]]] = None
@@ -334,8 +335,9 @@ def _state_bytes(opt: SlimAdamW, key: str) -> int:
     return sum(s[key].numel() * s[key].element_size() for s in opt.state.values() if key in s)
 
 
-def switch_summary(opt: AutoSNRSlimAdamW) -> str:
-    """What the switch chose: counts, memory, and the per-role plan table (when the plan is known)."""
+def switch_summary(opt: AutoSNRSlimAdamW, logger: Optional[logging.Logger] = None) -> str:
+    """What the switch chose: counts, memory, and the per-role plan table (when the plan is known),
+    fitted to the terminal of ``sys.stdout`` or, with ``logger``, of the logger's handlers."""
     rules = opt.rules or {}
     chosen = sum(d is not None for d in rules.values())
     v_now = _state_bytes(opt, "exp_avg_sq")
@@ -347,10 +349,10 @@ def switch_summary(opt: AutoSNRSlimAdamW) -> str:
         f"(freed {format_bytes(opt.freed_bytes)})",
     ]
     if opt.plan is not None:
-        lines.append(render_plan(opt.plan, by="role").rstrip())
+        lines.append(render_plan(opt.plan, by="role", logger=logger).rstrip())
     return "\n".join(lines)
 
 
 def _log_switch(opt: AutoSNRSlimAdamW) -> None:
     if is_main_process():
-        logger.info("%s", switch_summary(opt))
+        logger.info("%s", switch_summary(opt, logger))
