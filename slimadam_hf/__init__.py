@@ -2,7 +2,7 @@
 
 The package is layered (each layer imports only the ones above it in this list):
 
-* ``core``: compress specs, :class:`SlimAdamConfig`, the update rule (reference, foreach, compiled);
+* ``core``: compress specs, :class:`SlimAdamConfig`, the update rule (reference, foreach, fused CPU kernel, Triton CUDA kernels);
 * ``distributed``: refusal of flat shards, exact statistics for DTensor (FSDP2) parameters;
 * ``optim``: :class:`SlimAdamW` and in-place recompression;
 * ``rules``: module layouts, roles and rules, YAML presets, the compression plan, its renderer, the builder;

@@ -1,4 +1,4 @@
-"""The math of SlimAdam: compress specs, options, and the update (reference, foreach, compiled)."""
+"""The math of SlimAdam: compress specs, options, and the update (reference, foreach, fused CPU kernel, Triton)."""
 
 from .compress_spec import CompressSpec, CompressSpecError
 from .options import SlimAdamConfig

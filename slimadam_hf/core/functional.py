@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -109,9 +109,9 @@ def slimadamw(
     ``exp_avg_sq_complements``: factored second moments where an entry is a tensor (``robust=True``).
     """
     if implementation == "fused":
-        impl = _fused_or_foreach
+        impl = _with_foreach_rest(_fused_covered)
     elif implementation == "triton":
-        impl = _triton_or_foreach
+        impl = _with_foreach_rest(_triton_covered)
     elif implementation == "foreach":
         impl = _multi_tensor_slimadamw
     elif implementation == "reference":
@@ -127,49 +127,34 @@ def slimadamw(
     )
 
 
-def _fused_or_foreach(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    param_segments: Sequence[Sequence[Segment]],
-    second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[Noise]],
-    complements: Sequence[Optional[Complement]],
-    **hyper: float,
-) -> None:
-    """``"fused"``: the parameters the C++ kernel covers through it, the others through foreach."""
+def _fused_covered(*seqs: Sequence, **hyper: float) -> list[int]:
+    """The C++ kernel's step of the parameters it covers; returns the positions of the others."""
     from .fused import fused_covers, fused_slimadamw
 
-    seqs = (params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise, complements)
+    params, grads, exp_avgs, exp_avg_sqs, _, param_segments, stats, noise, complements = seqs
     covered = [fused_covers(*args) for args in zip(
-        params, grads, exp_avgs, exp_avg_sqs, param_segments, second_moment_stats, noise, complements)]
-    for impl, keep in ((fused_slimadamw, True), (_multi_tensor_slimadamw, False)):
-        picked = [i for i, c in enumerate(covered) if c == keep]
-        if picked:
-            impl(*([seq[i] for i in picked] for seq in seqs), **hyper)
+        params, grads, exp_avgs, exp_avg_sqs, param_segments, stats, noise, complements)]
+    picked = [i for i, c in enumerate(covered) if c]
+    if picked:
+        fused_slimadamw(*([seq[i] for i in picked] for seq in seqs), **hyper)
+    return [i for i, c in enumerate(covered) if not c]
 
 
-def _triton_or_foreach(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    param_segments: Sequence[Sequence[Segment]],
-    second_moment_stats: Sequence[Optional[Sequence[Tensor]]],
-    noise: Sequence[Optional[Noise]],
-    complements: Sequence[Optional[Complement]],
-    **hyper: float,
-) -> None:
-    """``"triton"``: the parameters the Triton kernels cover through them, the others through foreach."""
+def _triton_covered(*seqs: Sequence, **hyper: float) -> list[int]:
     from .triton_step import triton_slimadamw
 
-    seqs = (params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise, complements)
-    rest = triton_slimadamw(*seqs, **hyper)
-    if rest:
-        _multi_tensor_slimadamw(*([seq[i] for i in rest] for seq in seqs), **hyper)
+    return triton_slimadamw(*seqs, **hyper)
+
+
+def _with_foreach_rest(fast: Callable[..., list[int]]) -> Callable[..., None]:
+    """An implementation that steps what ``fast`` covers through it and the rest of the batch through foreach."""
+
+    def step(*seqs: Sequence, **hyper: float) -> None:
+        rest = fast(*seqs, **hyper)
+        if rest:
+            _multi_tensor_slimadamw(*([seq[i] for i in rest] for seq in seqs), **hyper)
+
+    return step
 
 
 def _single_tensor_slimadamw(

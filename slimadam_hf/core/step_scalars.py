@@ -1,4 +1,4 @@
-"""The per-step scalars of the fused update, in the order the compiled graph and the C++ kernel take them."""
+"""The per-step scalars of the fused update, in the order the C++ kernel takes them."""
 
 from __future__ import annotations
 
