@@ -31,3 +31,13 @@ def test_trainer_fsdp2_slimadam_matches_single_process_and_resumes(tmp_path):
     assert max((single[k] - initial[k]).abs().max().item() for k in sharded) > 1e-2
     # float32, different reduction order: agreement to rounding
     assert max((single[k] - sharded[k]).abs().max().item() for k in sharded) < 1e-4
+
+
+@pytest.mark.parametrize("options", ["momentum_dtype=int8", "robust=true"])
+def test_trainer_fsdp2_resumes_exactly_with(tmp_path, options):
+    # int8: codes and scales are DTensors laid out like the weights (1-D weights: scales replicated);
+    # robust: the replicated complement; both saved as sharded state dicts and resumed bitwise
+    r = harness.spawn(trainer_fsdp2.trainer_fsdp2, 2, tmp_path, optim_args=f"preset=gpt2,{options}")
+    assert r["optimizer"] == "SlimAdamW" and r["dtensor_params"]
+    assert r["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+    assert r["resume_max_diff"] == 0.0

@@ -9,7 +9,7 @@ import torch
 
 from slimadam_hf import SlimAdamW, build_slimadam
 from slimadam_hf.core.options import OptionsError
-from slimadam_hf.core.rounding import lerp_low_precision_
+from slimadam_hf.core.rounding import lerp_low_precision_, noise_bases, noise_key
 from tiny_models import tiny_model
 
 from test_perf_fastpath import HYPER, SPECS, _params, _run
@@ -107,3 +107,26 @@ def test_stochastic_rounding_leaves_a_float32_moment_exact():
         _run(opt, params, 4)
         runs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_partition_of_several_weights_draws_each_weights_noise():
+    # a DeepSpeed ZeRO partition: the tail of weight 0, weight 1 whole, the head of weight 2, then padding;
+    # each range rounds with its weight's noise at its positions, as one process rounding the whole weights
+    seed, step, weight = 1234, 3, 0.1
+    shapes = [(5, 300), (257,), (4, 70)]
+    moments = [torch.randn(s).bfloat16() for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    expected = [m.clone() for m in moments]
+    for j, (m, g) in enumerate(zip(expected, grads)):
+        lerp_low_precision_(m, g, weight, noise_key(noise_bases(seed, 3)[j], step, m))
+
+    tail, head, pad = 1000, 111, 9  # held: weight 0 from 500, weight 1, weight 2 up to 111, padding
+    flat_m = torch.cat([moments[0].view(-1)[500:], moments[1], moments[2].view(-1)[:head], torch.zeros(pad).bfloat16()])
+    flat_g = torch.cat([grads[0].view(-1)[500:], grads[1], grads[2].view(-1)[:head], torch.zeros(pad)])
+    pieces = ((0, tail, 0, 500), (tail, 257, 1, 0), (tail + 257, head, 2, 0))
+    (base,) = noise_bases(seed, 1, [pieces])
+    lerp_low_precision_(flat_m, flat_g, weight, noise_key(base, step, flat_m))
+
+    want = torch.cat([expected[0].view(-1)[500:], expected[1], expected[2].view(-1)[:head]])
+    assert torch.equal(flat_m[: tail + 257 + head], want)
+    assert torch.equal(flat_m[-pad:], torch.zeros(pad).bfloat16().float().lerp(torch.zeros(pad), weight).bfloat16())

@@ -49,9 +49,9 @@ from .compress_spec import Segment
 from .options import IMPLEMENTATIONS
 from .chunked import factored_update_, quantized_update
 from .factored import Complement, factors
-from .quant import QuantizedMomentum
+from .quant import QuantizedMomentum, RangeQuantizedMomentum
 from .reductions import mean_of_squares
-from .rounding import Noise, lerp_low_precision_, noise_bases, noise_key
+from .rounding import Noise, NoiseOffset, lerp_low_precision_, noise_bases, noise_key
 
 Stats = Optional[Sequence[Optional[Sequence[Optional[Tensor]]]]]
 """Per parameter: ``None`` (compute from the gradient) or one ``mean(g**2)`` tensor (or ``None``) per segment."""
@@ -69,10 +69,10 @@ class UpdateBatch:
     segments: list[tuple[Segment, ...]] = field(default_factory=list)
     stats: list[Optional[list[Optional[Tensor]]]] = field(default_factory=list)
     complements: list[Optional[Complement]] = field(default_factory=list)
-    noise_offsets: list[int] = field(default_factory=list)  # a shard's first flat position in its parameter
+    noise_offsets: list[NoiseOffset] = field(default_factory=list)  # where a shard sits in its parameter(s)
 
     def add(self, param, grad, exp_avg, exp_avg_sq, step, segs, stats=None, complement=None,  # noqa: ANN001
-            noise_offset: int = 0) -> None:
+            noise_offset: NoiseOffset = 0) -> None:
         for seq, value in zip(
             (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.segments, self.stats,
              self.complements, self.noise_offsets),
@@ -97,7 +97,7 @@ def slimadamw(
     implementation: str = "foreach",
     second_moment_stats: Stats = None,
     rounding_seed: Optional[int] = None,
-    noise_offsets: Optional[Sequence[int]] = None,
+    noise_offsets: Optional[Sequence[NoiseOffset]] = None,
     exp_avg_sq_complements: Optional[Sequence[Optional[Complement]]] = None,
 ) -> None:
     """Apply one SlimAdamW step to every parameter, in place (``implementation``: see the module doc).
@@ -105,7 +105,8 @@ def slimadamw(
     ``rounding_seed``: round a bfloat16 first moment stochastically, with noise keyed by this seed, the
     parameter's position in these lists and its step (:mod:`slimadam_hf.core.rounding`); ``None``: to nearest.
     ``noise_offsets``: per tensor, the flat position of its first element in the whole parameter (a shard's
-    start), so that a sharded step draws each element's noise as one process does; ``None``: all 0.
+    start; for a ZeRO partition, its ranges of each weight: :data:`~slimadam_hf.core.rounding.NoiseOffset`), so
+    that a sharded step draws each element's noise as one process does; ``None``: all 0.
     ``exp_avg_sq_complements``: factored second moments where an entry is a tensor (``robust=True``).
     """
     if implementation == "fused":
@@ -182,8 +183,8 @@ def _single_tensor_slimadamw(
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         key = noise_key(base, step, exp_avg)
-        if isinstance(exp_avg, QuantizedMomentum):  # int8 codes: update in float32, store, use what was stored
-            exp_avg = exp_avg.store_(exp_avg.dequantize().lerp_(grad.float(), 1 - beta1))
+        if isinstance(exp_avg, (QuantizedMomentum, RangeQuantizedMomentum)):  # int8: update in float32, store,
+            exp_avg = exp_avg.store_(exp_avg.dequantize().lerp_(grad.float(), 1 - beta1))  # use what was stored
         elif exp_avg.dtype == grad.dtype and key is None:
             exp_avg.lerp_(grad, 1 - beta1)
         else:
@@ -246,21 +247,26 @@ def _multi_tensor_slimadamw(
     weight_decay: float,
 ) -> None:
     buckets: dict[tuple, list[int]] = defaultdict(list)
+    exp_avgs = list(exp_avgs)
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        if isinstance(m, RangeQuantizedMomentum):  # a shard's int8 ranges: stored first, then a float32 moment
+            exp_avgs[i] = m.store_(m.advance(grads[i], 1 - beta1))
+            buckets[(p.device, p.dtype, exp_avgs[i].dtype, True)].append(i)
+            continue
         if isinstance(m, QuantizedMomentum):
             quantized_update(
                 p, grads[i], m, exp_avg_sqs[i], state_steps[i], param_segments[i], second_moment_stats[i],
                 complements[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             )
             continue
-        buckets[(p.device, p.dtype, m.dtype)].append(i)
-    for indices in buckets.values():
+        buckets[(p.device, p.dtype, m.dtype, False)].append(i)
+    for (*_, advanced), indices in buckets.items():
         _multi_tensor_bucket(
             *([seq[i] for i in indices] for seq in (
                 params, grads, exp_avgs, exp_avg_sqs, state_steps, param_segments, second_moment_stats, noise,
                 complements,
             )),
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, advanced=advanced,
         )
 
 
@@ -280,13 +286,16 @@ def _multi_tensor_bucket(
     beta2: float,
     eps: float,
     weight_decay: float,
+    advanced: bool = False,
 ) -> None:
-    """One device/dtype bucket: whole-tensor ops batched, every second moment updated, then the updates."""
+    """One device/dtype bucket: whole-tensor ops batched, every second moment updated, then the updates.
+    ``advanced``: the first moments already hold this step's values."""
     torch._foreach_add_(state_steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    keys = [noise_key(base, step_t.item(), m) for base, step_t, m in zip(noise, state_steps, exp_avgs)]
-    lerp_momentum_(exp_avgs, grads, 1 - beta1, keys)
+    if not advanced:
+        keys = [noise_key(base, step_t.item(), m) for base, step_t, m in zip(noise, state_steps, exp_avgs)]
+        lerp_momentum_(exp_avgs, grads, 1 - beta1, keys)
 
     full_v, full_g = [], []  # v <- beta2 * v + (1 - beta2) * g * g
     mean_v, mean_x = [], []  # v <- beta2 * v + (1 - beta2) * x, x a mean of g * g (or handed in)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+STATE_KEY = "exp_avg_absmax"  # the optimizer state entry of the block scales, beside the codes in exp_avg
 BLOCK = 256
 LEVELS = 127.0
 
@@ -60,13 +61,17 @@ def _blocked(values: Tensor) -> Tensor:
     return (torch.nn.functional.pad(x, (0, pad)) if pad else x).reshape(-1, BLOCK)
 
 
+def encode(x: Tensor, absmax: Tensor) -> Tensor:
+    """The int8 codes of float32 ``x`` against its block's ``absmax`` (broadcast to ``x``)."""
+    scaled = x / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return (scaled.sign() * scaled.abs().sqrt() * LEVELS).round_().to(torch.int8)
+
+
 def quantize(values: Tensor) -> tuple[Tensor, Tensor]:
     """Codes and scales of ``values`` (any shape, float) in the row-block layout of its shape."""
     x = _blocked(values.float())
     absmax = x.abs().amax(dim=1, keepdim=True)
-    scaled = x / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = (scaled.sign() * scaled.abs().sqrt() * LEVELS).round_().to(torch.int8)
-    return codes, absmax
+    return encode(x, absmax), absmax
 
 
 def decode(codes: Tensor, absmax: Tensor) -> Tensor:
@@ -80,6 +85,21 @@ def dequantize(codes: Tensor, absmax: Tensor, shape: torch.Size) -> Tensor:
     rows, cols = rows_and_cols(shape)
     values = decode(codes, absmax).view(max(rows, 1), -1)[:, :cols]
     return values.reshape(shape)
+
+
+def row_blocks(codes: Tensor, scales: Tensor, shape: Sequence[int]) -> Optional[tuple[Tensor, Tensor]]:
+    """Codes and scales of a moment of ``shape`` saved in any layout of the row blocks, as ``(blocks, BLOCK)``
+    and ``(blocks, 1)``: the single-process one, FSDP2's ``(rows, blocks_per_row * BLOCK)`` or, for a 1-D
+    moment, one code per element; ``None`` when they hold another shape's blocks."""
+    blocks = num_blocks(shape)
+    if codes.dtype != torch.int8 or scales.numel() != blocks:
+        return None
+    if codes.numel() == blocks * BLOCK:
+        return codes.reshape(blocks, BLOCK), scales.float().reshape(blocks, 1)
+    if len(shape) < 2 and codes.numel() == math.prod(shape):
+        padded = torch.nn.functional.pad(codes.reshape(-1), (0, blocks * BLOCK - codes.numel()))
+        return padded.view(blocks, BLOCK), scales.float().reshape(blocks, 1)
+    return None
 
 
 def dequantize_flat(codes: Tensor, absmax: Tensor, shape: torch.Size) -> Tensor:
@@ -110,3 +130,94 @@ class QuantizedMomentum:
         self.absmax.copy_(absmax)
         values.copy_(self.dequantize().view(values.shape))
         return values
+
+
+# -- a shard's flat ranges ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """``numel`` elements of a weight of ``shape`` from its flat position ``start``, held at ``offset`` of a local
+    tensor; their blocks' scales sit at ``slot`` onwards, one per block from the block of ``first_block``."""
+
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+    start: int
+    slot: int
+    first_block: int
+
+
+def block_of(shape: Sequence[int], flat: Tensor) -> Tensor:
+    """The block (row-block layout of ``shape``) of each flat position in ``flat`` (an int64 tensor)."""
+    _, cols = rows_and_cols(shape)
+    cols = max(cols, 1)
+    return (flat // cols) * blocks_per_row(shape) + (flat % cols) // BLOCK
+
+
+def block_of_position(shape: Sequence[int], position: int) -> int:
+    """The block holding flat ``position`` of a weight of ``shape``."""
+    _, cols = rows_and_cols(shape)
+    row, col = divmod(position, max(cols, 1))
+    return row * blocks_per_row(shape) + col // BLOCK
+
+
+def block_span(shape: Sequence[int], position: int) -> tuple[int, int]:
+    """The flat ``[start, stop)`` of the block holding ``position`` of a weight of ``shape``."""
+    _, cols = rows_and_cols(shape)
+    row, col = divmod(position, max(cols, 1))
+    start = row * cols + col // BLOCK * BLOCK
+    return start, min(start + BLOCK, (row + 1) * cols)
+
+
+@dataclass
+class RangeQuantizedMomentum:
+    """The int8 first moment of a shard that holds flat ranges of weights (one code per element, unpadded),
+    whose edge blocks other ranks share: DeepSpeed ZeRO partitions, 1-D FSDP2 shards.
+
+    Codes are those one process stores for the whole weight, provided every block's scale is its largest
+    magnitude over the whole block: ranks find that of a shared block by exchanging their local ones and
+    hand it in as ``floor`` before the update stores the moment. Elements outside every range (a partition's
+    padding) share the last scale.
+    """
+
+    codes: Tensor  # int8, one per local element
+    absmax: Tensor  # float32, one per block slot, plus one for the padding
+    shape: torch.Size  # the local tensor's shape
+    ranges: tuple[Range, ...]
+    floor: Optional[Tensor] = None  # per slot, the block's largest magnitude on any rank (set before store_)
+
+    def slots(self) -> Tensor:
+        """Each local element's scale slot (int64)."""
+        numel = self.codes.numel()
+        slots = torch.full((numel,), self.absmax.numel() - 1, dtype=torch.int64, device=self.codes.device)
+        for r in self.ranges:
+            if r.numel:
+                flat = torch.arange(r.start, r.start + r.numel, device=self.codes.device)
+                slots[r.offset : r.offset + r.numel] = block_of(r.shape, flat) - r.first_block + r.slot
+        return slots
+
+    def dequantize(self) -> Tensor:
+        return decode(self.codes.view(-1), self.absmax[self.slots()]).view(self.shape)
+
+    def local_maxima(self, values: Tensor) -> Tensor:
+        """Per slot, the largest magnitude of ``values`` (local tensor shape) among this rank's elements."""
+        out = torch.zeros_like(self.absmax)
+        return out.scatter_reduce_(0, self.slots(), values.reshape(-1).abs(), "amax")
+
+    def store_(self, values: Tensor) -> Tensor:
+        """Quantize ``values`` into the state against every block's scale, then overwrite ``values`` with what
+        was stored."""
+        slots = self.slots()
+        absmax = self.local_maxima(values)
+        if self.floor is not None:
+            absmax = torch.maximum(absmax, self.floor)
+        self.absmax.copy_(absmax)
+        per_element = absmax[slots]
+        self.codes.view(-1).copy_(encode(values.reshape(-1).float(), per_element))
+        values.copy_(decode(self.codes.view(-1), per_element).view(values.shape))
+        return values
+
+    def advance(self, grad: Tensor, weight: float) -> Tensor:
+        """The moment's new float32 values (``m + weight * (g - m)``), not yet stored."""
+        return self.dequantize().lerp_(grad.float(), weight)

@@ -24,18 +24,38 @@ _LOW_BITS = 1 << 16  # float32 bits below bfloat16's mantissa
 
 class Noise(NamedTuple):
     """A parameter's noise: its ``base`` (a step's key, from :func:`noise_key`) and the flat position of its
-    tensor's first element in the whole parameter (a shard's start; 0 unsharded)."""
+    tensor's first element in the whole parameter (a shard's start; 0 unsharded). A tensor that holds flat
+    ranges of several weights (a DeepSpeed ZeRO partition) has ``pieces`` instead: per range, its offset in
+    the tensor, its length and the noise of its weight; elements outside every range round to nearest."""
 
     base: int
     offset: int = 0
+    pieces: tuple[tuple[int, int, "Noise"], ...] = ()
 
 
-def noise_bases(seed: Optional[int], count: int, offsets: Optional[Sequence[int]] = None) -> list[Optional[Noise]]:
+# Where a tensor's elements sit in the whole parameter: the flat position of its first element, or, for a
+# tensor of several weights' ranges, per range (offset in the tensor, length, the weight's position in its
+# param group, the range's first flat position in the weight).
+NoiseOffset = Union[int, tuple[tuple[int, int, int, int], ...]]
+
+
+def _base(seed: int, position: int, offset: NoiseOffset) -> Noise:
+    if isinstance(offset, int):
+        return Noise(seed * 1_000_003 + position, offset)
+    return Noise(0, 0, tuple((at, numel, _base(seed, weight, start)) for at, numel, weight, start in offset))
+
+
+def noise_bases(seed: Optional[int], count: int,
+                offsets: Optional[Sequence[NoiseOffset]] = None) -> list[Optional[Noise]]:
     """Per parameter position, the base of its noise keys (``None`` everywhere: round to nearest)."""
     if seed is None:
         return [None] * count
-    return [Noise(seed * 1_000_003 + position, 0 if offsets is None else offsets[position])
-            for position in range(count)]
+    return [_base(seed, position, 0 if offsets is None else offsets[position]) for position in range(count)]
+
+
+def _step_key(noise: Noise, step: int) -> Noise:
+    return Noise(noise.base * 1_000_033 + step, noise.offset,
+                 tuple((at, numel, _step_key(piece, step)) for at, numel, piece in noise.pieces))
 
 
 def noise_key(noise: Optional[Noise], step: float, exp_avg: Any) -> Optional[Noise]:
@@ -43,7 +63,7 @@ def noise_key(noise: Optional[Noise], step: float, exp_avg: Any) -> Optional[Noi
     ``exp_avg`` is not a bfloat16 tensor: stochastic rounding is for bfloat16 moments only."""
     if noise is None or getattr(exp_avg, "dtype", None) != torch.bfloat16:
         return None
-    return Noise(noise.base * 1_000_033 + int(step), noise.offset)
+    return _step_key(noise, int(step))
 
 
 _MASK32 = 0xFFFFFFFF
@@ -90,6 +110,14 @@ def lerp_low_precision_(m: Tensor, g: Tensor, weight: float, key: Union[None, in
     """``m <- m + weight * (g - m)`` in float32, stored into ``m``'s dtype: nearest, or stochastic with ``key``
     (a :class:`Noise` from :func:`noise_key`, or a bare key for a whole unsharded tensor)."""
     noise = Noise(key) if isinstance(key, int) else key  # noise_key gives keys for bfloat16 moments only
+    if noise is not None and noise.pieces:
+        flat_m, flat_g, done = m.view(-1), g.reshape(-1), 0
+        for at, numel, piece in sorted(noise.pieces, key=lambda entry: entry[0]):
+            lerp_low_precision_(flat_m[done:at], flat_g[done:at], weight)
+            lerp_low_precision_(flat_m[at : at + numel], flat_g[at : at + numel], weight, piece)
+            done = at + numel
+        lerp_low_precision_(flat_m[done:], flat_g[done:], weight)
+        return
     seed = None if noise is None else noise_seed(noise.base)
     for start, m_part, g_part in _chunks(m, g):
         exact = m_part.float().lerp_(g_part.float(), weight)

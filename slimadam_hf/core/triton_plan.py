@@ -189,6 +189,8 @@ def _rollback(builder: _Builder, snapshot: tuple) -> None:
 def _add_parameter(builder: _Builder, i: int, param: Tensor, grad: Tensor, exp_avg: Any, exp_avg_sq: Tensor,
                    segs: Sequence[Segment], stats: Any, noise: Optional[Noise],
                    complement: Optional[Complement]) -> None:
+    if not isinstance(exp_avg, (Tensor, QuantizedMomentum)):
+        raise NotCovered  # a shard's int8 ranges (RangeQuantizedMomentum)
     int8 = isinstance(exp_avg, QuantizedMomentum)
     m_tensor = exp_avg.codes if int8 else exp_avg
     if (param.dtype not in _FLOAT_DTYPES or grad.dtype != param.dtype or not grad.is_contiguous()
@@ -200,6 +202,8 @@ def _add_parameter(builder: _Builder, i: int, param: Tensor, grad: Tensor, exp_a
     if int8:
         momentum = MOMENTUM_INT8
     elif noise is not None and m_tensor.dtype == torch.bfloat16:
+        if noise.pieces:
+            raise NotCovered  # several weights' ranges (a ZeRO partition), each with its own noise
         momentum = MOMENTUM_STOCHASTIC
     else:
         momentum = MOMENTUM_FLOAT

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from .compress_spec import Segment
 from .factored import Complement
-from .quant import QuantizedMomentum
 from .rounding import Noise, noise_key, noise_seed
 from .triton_plan import MOMENTUM_INT8, STATS_ROWS, Plan, build_plan
 
@@ -72,8 +71,8 @@ def plan_for(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequen
              exp_avg_sqs: Sequence[Tensor], param_segments: Sequence[Sequence[Segment]], stats: Sequence[Any],
              noise: Sequence[Optional[Noise]], complements: Sequence[Optional[Complement]]) -> Plan:
     """The cached plan of these tensors (built on first sight, or again when any of them was replaced)."""
-    tensors = [*params, *(m.codes if isinstance(m, QuantizedMomentum) else m for m in exp_avgs),
-               *(m.absmax for m in exp_avgs if isinstance(m, QuantizedMomentum)), *exp_avg_sqs,
+    tensors = [*params, *(getattr(m, "codes", m) for m in exp_avgs),  # int8 momenta: their codes and scales
+               *(m.absmax for m in exp_avgs if not isinstance(m, Tensor)), *exp_avg_sqs,
                *(c.tensor for c in complements if c is not None)]
     key = _key(tensors, grads, param_segments, stats, noise)
     plan = _plans.get(key)

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..core.compress_spec import CompressSpec, Segment, second_moment_dtype, second_moment_shape, segments
 from ..core.factored import STATE_KEY as COMPLEMENT_KEY
 from ..core.factored import Complement, complement_segments, complement_shape
+from . import dtensor_int8
 from .guards import UnsupportedShardingError
 
 # Per-optimizer layout cache, kept off the optimizer so that pickling or deep-copying it is unaffected.
@@ -76,6 +77,7 @@ class LocalInputs:
     reduce: list[Tensor]  # buffers to all-reduce (the stats, or the flat buffer they view)
     complement: Optional[Complement] = None  # robust=True: the replicated complement and its partial stats
     complement_reduce: list[Tensor] = field(default_factory=list)  # summed over every sharded mesh dim
+    shared_blocks: list[dtensor_int8.SharedBlocks] = field(default_factory=list)  # int8: scales to exchange
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -250,9 +252,12 @@ def _init_state(
 ) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
-    if not state:
+    if momentum_dtype == torch.int8:
+        dtensor_int8.init_state(state, param, name)
+    if "exp_avg_sq" not in state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param, dtype=momentum_dtype)
+        if momentum_dtype != torch.int8:
+            state["exp_avg"] = torch.zeros_like(param, dtype=momentum_dtype)
         local_v = torch.zeros(
             layout.v_local_shape, dtype=second_moment_dtype(param.dtype), device=param.to_local().device
         )
@@ -262,7 +267,9 @@ def _init_state(
         )
         return state
     # State loaded from a plain (single-process or gathered) state dict: shard it like the parameter.
-    state["exp_avg"] = _localize(state["exp_avg"], param.device_mesh, tuple(param.placements), tuple(param.shape), name)
+    if momentum_dtype != torch.int8:
+        state["exp_avg"] = _localize(state["exp_avg"], param.device_mesh, tuple(param.placements), tuple(param.shape),
+                                     name)
     state["exp_avg_sq"] = _localize(
         state["exp_avg_sq"], layout.mesh, layout.v_placements, layout.v_global_shape, name
     )
@@ -306,11 +313,6 @@ def local_inputs(
     segment's ``mean(g**2)`` (with ``robust``, also of its mean over the complement dims);
     :func:`all_reduce_statistics` completes them.
     """
-    if momentum_dtype == torch.int8:
-        raise UnsupportedShardingError(
-            f"SlimAdamW: momentum_dtype='int8' is not supported on DTensor (FSDP2, tensor parallel) parameters "
-            f"yet (parameter {name!r}); use momentum_dtype='bfloat16' under FSDP2, or int8 with DDP / one process"
-        )
     layout = _layout(owner, param, spec, name)
     fresh = not state
     state = _init_state(state, param, layout, name, momentum_dtype)
@@ -335,9 +337,10 @@ def local_inputs(
         seg = layout.segments[0]
         stats = [_local_mean(g, seg.dims, v.dtype, layout.counts[0])]
         reduce = stats
+    exp_avg = dtensor_int8.local_momentum(state, param) if momentum_dtype == torch.int8 else state["exp_avg"].to_local()
     local = LocalInputs(
-        param.to_local(), g, state["exp_avg"].to_local(), v, state["step"], layout.segments, stats, layout,
-        reduce if layout.reduce_mesh_dims else [],
+        param.to_local(), g, exp_avg, v, state["step"], layout.segments, stats, layout,
+        reduce if layout.reduce_mesh_dims else [], shared_blocks=dtensor_int8.shared_blocks(exp_avg, g, param),
     )
     if robust and layout.complement_shape is not None:
         w = state[COMPLEMENT_KEY].to_local()  # replicated: every rank holds all of it

@@ -45,6 +45,8 @@ from torch import Tensor
 from ..core.compress_spec import second_moment_dtype
 from ..core.factored import Complement
 from ..core.functional import UpdateBatch
+from ..core.quant import STATE_KEY as ABSMAX_KEY
+from ..core.quant import RangeQuantizedMomentum
 from ..core.reductions import sum_of_squares
 from . import zero_layout
 from .guards import UnsupportedShardingError, is_dtensor
@@ -133,6 +135,8 @@ def _state(state: dict[str, Any], flat: Tensor, layout: Layout, momentum_dtype: 
     if not state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(flat, dtype=momentum_dtype)
+        if momentum_dtype == torch.int8:
+            state[ABSMAX_KEY] = torch.zeros(layout.absmax_numel, dtype=torch.float32, device=flat.device)
         state[V_KEY] = torch.zeros(layout.v_numel, dtype=v_dtype, device=flat.device)
         if layout.complement_numel:
             state[COMPLEMENT_KEY] = torch.zeros(layout.complement_numel, dtype=v_dtype, device=flat.device)
@@ -148,6 +152,11 @@ def _state(state: dict[str, Any], flat: Tensor, layout: Layout, momentum_dtype: 
             f"partition is world size {layout.fingerprint['world_size']}, rank {layout.fingerprint['rank']}, "
             f"{layout.fingerprint['numel']} elements; resume a ZeRO checkpoint with the same world size, ZeRO "
             "stage and param groups it was saved with (universal/elastic resharding is not supported)"
+        )
+    if (state["exp_avg"].dtype == torch.int8) != (momentum_dtype == torch.int8):
+        raise UnsupportedShardingError(
+            f"SlimAdamW: this DeepSpeed ZeRO checkpoint holds a {state['exp_avg'].dtype} first moment and the live "
+            f"optimizer stores it as {momentum_dtype}; resume with the momentum_dtype it was saved with"
         )
     if state[V_KEY].numel() != layout.v_numel:
         raise UnsupportedShardingError(f"SlimAdamW: ZeRO second moments have {state[V_KEY].numel()} entries, the "
@@ -209,6 +218,37 @@ def _all_reduce(regions: list[tuple[Any, Tensor]]) -> tuple[int, int]:
     return calls, nbytes
 
 
+def _share_block_maxima(items: list[tuple[Layout, RangeQuantizedMomentum, Tensor, float]]) -> int:
+    """int8 first moments: give each block that a partition boundary cuts its largest magnitude over the ranks
+    (the momentum's ``floor``), so the partition stores the codes one process would. Each rank advances its
+    moment and writes its blocks' local maxima into a table of boundaries; one all-reduce (max) per process
+    group. Returns the calls made."""
+    import torch.distributed as dist
+
+    tables: dict[Any, list[tuple[Layout, Tensor, Tensor]]] = defaultdict(list)
+    for layout, momentum, grad, beta1 in items:
+        local = momentum.local_maxima(momentum.advance(grad, 1 - beta1))
+        momentum.floor = local
+        table = torch.zeros(layout.boundary_numel, dtype=torch.float32, device=local.device)
+        for slot, boundaries in layout.shared_blocks:
+            index = torch.tensor(boundaries, device=local.device)
+            table[index] = torch.maximum(table[index], local[slot])
+        tables[layout.pg].append((layout, local, table))
+    for pg, entries in tables.items():
+        flat = torch.cat([table for *_, table in entries])
+        if flat.device.type == "cpu" and dist.get_backend(pg) == "nccl":
+            flat = flat.cuda()
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=pg)
+        flat = flat.to(entries[0][1].device)
+        offset = 0
+        for layout, local, table in entries:
+            table = flat[offset : offset + table.numel()]
+            offset += table.numel()
+            for slot, boundaries in layout.shared_blocks:
+                local[slot] = torch.maximum(local[slot], table[list(boundaries)].max())
+    return len(tables)
+
+
 def is_flattened(optimizer: Any) -> bool:
     """Whether a wrapper replaced a param group's tensors by flat ones since it was built (DeepSpeed ZeRO,
     FSDP1); FSDP2's per-tensor DTensors swapped in by accelerate do not count."""
@@ -238,7 +278,7 @@ def prepare_step(optimizer: Any, momentum_dtype: Any) -> Optional[ZeroStep]:
         _PLAIN[optimizer] = key
         return None
     stage = _check_supported(wrapper)
-    batches, regions = [], []
+    batches, regions, shared = [], [], []
     for group in optimizer.param_groups:
         batch = UpdateBatch()
         batches.append(batch)
@@ -258,13 +298,21 @@ def prepare_step(optimizer: Any, momentum_dtype: Any) -> Optional[ZeroStep]:
             regions.append((layout.pg, buf[: layout.reduce_numel]))
         complement = None if not layout.complement_numel else Complement(
             state[COMPLEMENT_KEY], layout.complement_segments, tuple(complement_stats))
-        batch.add(flat, flat.grad, state["exp_avg"], state[V_KEY], state["step"], layout.segments, stats, complement)
+        exp_avg = state["exp_avg"]
+        if exp_avg.dtype == torch.int8:
+            exp_avg = RangeQuantizedMomentum(exp_avg, state[ABSMAX_KEY], flat.shape, layout.ranges)
+            shared.append((layout, exp_avg, flat.grad, float(group["betas"][0])))
+        noise = tuple((r.offset, r.numel, j, r.start) for r, j in zip(layout.ranges, layout.range_positions))
+        batch.add(flat, flat.grad, exp_avg, state[V_KEY], state["step"], layout.segments, stats, complement, noise)
     calls, nbytes = _all_reduce(regions)
-    totals = _TOTALS.setdefault(optimizer, [0, 0])
+    max_calls = _share_block_maxima(shared)
+    totals = _TOTALS.setdefault(optimizer, [0, 0, 0])
     totals[0] += calls
     totals[1] += nbytes
-    return ZeroStep(batches, {"all_reduce_calls": calls, "all_reduce_bytes": nbytes,
-                              "total_all_reduce_calls": totals[0], "total_all_reduce_bytes": totals[1]})
+    totals[2] += max_calls
+    return ZeroStep(batches, {"all_reduce_calls": calls, "all_reduce_bytes": nbytes, "max_all_reduce_calls": max_calls,
+                              "total_all_reduce_calls": totals[0], "total_all_reduce_bytes": totals[1],
+                              "total_max_all_reduce_calls": totals[2]})
 
 
 def _held(optimizer: Any, key: str) -> list[tuple[Layout, Tensor]]:
@@ -290,3 +338,16 @@ def complements(optimizer: Any) -> dict[str, Tensor]:
     by name (whole and flattened, as a single process keeps it), after a ZeRO step."""
     return {name: w.narrow(0, offset, numel)
             for layout, w in _held(optimizer, COMPLEMENT_KEY) for name, offset, numel in layout.complement_named}
+
+
+def first_moments(optimizer: Any) -> dict[str, tuple[Tensor, tuple[int, int]]]:
+    """This rank's first moments by parameter name, after a ZeRO step: ``(values, (start, numel))``, the float32
+    values (int8 codes read back) of the local elements of the flattened weight."""
+    out = {}
+    for layout, m in _held(optimizer, "exp_avg"):
+        if m.dtype == torch.int8:
+            state = next(s for s in optimizer.state.values() if s.get("exp_avg") is m)
+            m = RangeQuantizedMomentum(m, state[ABSMAX_KEY], m.shape, layout.ranges).dequantize()
+        for name, r in zip(layout.range_names, layout.ranges):
+            out[name] = (m.narrow(0, r.offset, r.numel).float(), (r.start, r.numel))
+    return out

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..core.compress_spec import Segment, second_moment_numel, segments
+from ..core.quant import Range, block_of_position, block_span
 from ..core.factored import complement_numel, complement_segments
 from .guards import UnsupportedShardingError
 
@@ -44,6 +45,15 @@ class Layout:
     complement_segments: tuple[Optional[Segment], ...]
     complement_stat_segments: tuple[Optional[tuple[Segment, int]], ...]
     complement_named: tuple[tuple[str, int, int], ...]  # name, complement offset, numel
+    # each held weight's local range (the first moment's view of it: stochastic rounding's noise, int8 blocks);
+    # for momentum_dtype="int8" its blocks' scale slots (one more for the padding) and, per block shared with
+    # other ranks, its slot and its entries in the group's table of boundaries
+    ranges: tuple[Range, ...] = ()
+    range_names: tuple[str, ...] = ()  # the weight of each range
+    range_positions: tuple[int, ...] = ()  # and its index in the param group
+    absmax_numel: int = 1
+    shared_blocks: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    boundary_numel: int = 0
 
 
 def _boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
@@ -79,9 +89,9 @@ def _boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, tup
     return out
 
 
-def _stage12_entries(wrapper: Any, i: int, rank: int) -> list[tuple[Tensor, tuple, int, int, int, bool]]:
+def _stage12_entries(wrapper: Any, i: int, rank: int) -> list[tuple]:
     """Per weight of ZeRO-1/2 group ``i`` (flat order): (param, shape, first local element, local count,
-    its offset in the partition, cut by a boundary?)."""
+    its offset in the partition, cut by a boundary?, its offset in the partitioned flat, the partition size)."""
     params = wrapper.round_robin_bit16_groups[i]
     offsets = getattr(wrapper, "round_robin_bit16_offsets", None)
     offsets = offsets[i] if offsets else [sum(p.numel() for p in params[:k]) for k in range(len(params))]
@@ -94,18 +104,18 @@ def _stage12_entries(wrapper: Any, i: int, rank: int) -> list[tuple[Tensor, tupl
         numel = math.prod(shape)
         lo, hi = max(off, start), min(off + numel, start + size)
         cut = numel > 0 and off // size != (off + numel - 1) // size
-        out.append((p, shape, lo - off, max(0, hi - lo), lo - start, cut))
+        out.append((p, shape, lo - off, max(0, hi - lo), lo - start, cut, off, size))
     return out
 
 
-def _stage3_entries(wrapper: Any, k: int, rank: int) -> list[tuple[Tensor, tuple, int, int, int, bool]]:
+def _stage3_entries(wrapper: Any, k: int, rank: int) -> list[tuple]:
     """The same for ZeRO-3 sub-group ``k``: each weight is partitioned on its own (rank r holds elements
     ``[r * partition_numel, (r + 1) * partition_numel)``, the last rank padded)."""
     out, offset = [], 0
     for p in wrapper.fp16_groups[k]:
         shape, numel, size = tuple(p.ds_shape), int(p.ds_numel), int(p.partition_numel())
         lo, hi = min(rank * size, numel), min(rank * size + size, numel)
-        out.append((p, shape, lo, hi - lo, offset, numel > size))
+        out.append((p, shape, lo, hi - lo, offset, numel > size, 0, size))
         offset += size
     return out
 
@@ -204,7 +214,7 @@ def _build_layout(known: dict, wrapper: Any, stage: str, group: dict[str, Any], 
     specs, names = group.get("compress"), group.get("param_names")
     rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
     resolved = []
-    for p, shape, start, numel, offset, cut in entries:
+    for p, shape, start, numel, offset, cut, *_ in entries:
         record = known.get(id(p))
         if record is None or record[0] is not p:
             raise UnsupportedShardingError(
@@ -255,12 +265,40 @@ def _build_layout(known: dict, wrapper: Any, stage: str, group: dict[str, Any], 
             comp_named.append((name, c_numel, c_size))
         v_numel += size
         c_numel += c_size
+    ranges, absmax_numel, shared = _int8_blocks(entries, world)
+    held = [(j, name) for j, _, name, _, _, numel, *_ in resolved if numel]
     # ints only: torch's load_state_dict rebuilds every iterable in the state, strings included
     stage_number = 3 if stage == "3" else 2 if getattr(wrapper, "partition_gradients", False) else 1
     layout_print = {"stage": stage_number, "world_size": world, "rank": rank, "numel": flat.numel(),
                     "weights": fingerprint}
     return Layout(key, pg, layout_print, v_numel, stat_numel, reduce_numel, tuple(segs), tuple(stat_segs),
-                  tuple(named), c_numel, tuple(comp_segs), tuple(comp_stat_segs), tuple(comp_named))
+                  tuple(named), c_numel, tuple(comp_segs), tuple(comp_stat_segs), tuple(comp_named),
+                  ranges, tuple(name for _, name in held), tuple(j for j, _ in held), absmax_numel, shared,
+                  len(entries) * (world + 1))
+
+
+def _int8_blocks(entries: list[tuple], world: int) -> tuple[tuple[Range, ...], int, tuple]:
+    """The int8 layout of a partition: each held range's scale slots, and the blocks it shares with other ranks.
+
+    A block is shared when a partition boundary falls inside it; the boundaries are numbered per weight
+    (``entry * (world + 1) + k`` for the boundary at ``k * partition size``), the same on every rank, so that
+    one all-reduce (max) over that table gives each shared block its largest magnitude.
+    """
+    ranges, shared, slot = [], [], 0
+    for j, (_, shape, start, numel, offset, _, weight_offset, size) in enumerate(entries):
+        if numel == 0:
+            continue
+        first = block_of_position(shape, start)
+        ranges.append(Range(offset, numel, tuple(shape), start, slot, first))
+        for position in sorted({start, start + numel - 1}):
+            lo, hi = block_span(shape, position)
+            inside = [k for k in range((weight_offset + lo) // size + 1, (weight_offset + hi - 1) // size + 1)
+                      if lo < k * size - weight_offset < hi]
+            if inside:
+                shared.append((slot + block_of_position(shape, position) - first,
+                               tuple(j * (world + 1) + k for k in inside)))
+        slot += block_of_position(shape, start + numel - 1) - first + 1
+    return tuple(ranges), slot + 1, tuple(shared)
 
 
 def layout(optimizer: Any, known: dict, wrapper: Any, stage: str, group: dict[str, Any], flat: Tensor) -> Layout:

@@ -28,6 +28,8 @@ from ..core.compress_spec import (
     second_moment_shape,
 )
 from ..core.options import check_momentum_dtype, momentum_dtype_for, retire_implementation
+from ..distributed.guards import is_dtensor
+from ..distributed.zero import LAYOUT_KEY as ZERO_LAYOUT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +110,11 @@ def _first_moment(saved: Tensor, absmax: Optional[Tensor], param: Tensor, live_d
     """The live state entries for a saved first moment (``exp_avg`` and, for int8, ``exp_avg_absmax``)."""
     if absmax is not None:  # saved as int8 codes
         blocks = quant.num_blocks(param.shape)
-        if saved.dtype == torch.int8 and tuple(saved.shape) == (blocks, quant.BLOCK) and absmax.numel() == blocks:
-            scales = absmax.float().view(blocks, 1)
+        if live_dtype == "int8" and is_dtensor(saved):  # an FSDP2 sharded state: dtensor_int8 lays it out
+            return {"exp_avg": saved, "exp_avg_absmax": absmax}
+        laid_out = None if is_dtensor(saved) else quant.row_blocks(saved, absmax, tuple(param.shape))
+        if laid_out is not None:
+            saved, scales = laid_out
             if live_dtype == "int8":
                 return {"exp_avg": saved.to(param.device), "exp_avg_absmax": scales.to(param.device)}
             saved = quant.dequantize(saved, scales, param.shape)
@@ -148,6 +153,7 @@ def load_into(optimizer: Any, state_dict: dict[str, Any], load: Callable[[dict[s
     second_moments, complements = _second_moments(optimizer, saved_groups, state)
     # torch casts floating state to the parameter dtype: set the first moments aside and convert them after.
     first_moments: dict[Any, tuple[Tensor, Optional[Tensor]]] = {}
+    as_saved: dict[Any, dict[str, Optional[Tensor]]] = {}  # a ZeRO partition's int8 codes and scales
     live_of: dict[Any, tuple[dict[str, Any], Tensor, str]] = {}
     groups = []
     for live, saved in zip(optimizer.param_groups, saved_groups):
@@ -163,7 +169,9 @@ def load_into(optimizer: Any, state_dict: dict[str, Any], load: Callable[[dict[s
             entry = state.get(key, {})
             m = entry.pop("exp_avg", None)
             absmax = entry.pop("exp_avg_absmax", None)
-            if m is not None:
+            if ZERO_LAYOUT_KEY in entry and (absmax is not None or live["momentum_dtype"] == "int8"):
+                as_saved[key] = {"exp_avg": m, "exp_avg_absmax": absmax}  # distributed/zero.py checks them
+            elif m is not None:
                 first_moments[key] = (m, absmax)
     load({"state": state, "param_groups": groups})
     for key, v in second_moments.items():
@@ -175,3 +183,6 @@ def load_into(optimizer: Any, state_dict: dict[str, Any], load: Callable[[dict[s
     for key, (m, absmax) in first_moments.items():
         live, p, name = live_of[key]
         optimizer.state[p].update(_first_moment(m, absmax, p, live["momentum_dtype"], name))
+    for key, entries in as_saved.items():
+        p = live_of[key][1]
+        optimizer.state[p].update({k: t.to(p.device) for k, t in entries.items() if t is not None})

@@ -29,9 +29,8 @@ from ..core.options import (
     momentum_dtype_name,
     retire_implementation,
 )
-from ..distributed import dtensor, zero
+from ..distributed import dtensor, dtensor_int8, zero
 from ..distributed.guards import (
-    UnsupportedShardingError,
     check_before_step,
     check_param_group,
     is_dtensor,
@@ -42,13 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 def _flat_momentum_dtype(group: dict[str, Any], flat: Tensor) -> torch.dtype:
-    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8 blocks are per weight: refused)."""
-    if group["momentum_dtype"] == "int8":
-        raise UnsupportedShardingError(
-            "SlimAdamW: momentum_dtype='int8' is not supported on DeepSpeed ZeRO flat partitions yet; use "
-            "momentum_dtype='bfloat16' under ZeRO, or int8 with DDP / one process"
-        )
-    return momentum_dtype_for(group["momentum_dtype"], flat)
+    """The first moment's dtype on a DeepSpeed ZeRO flat partition (int8: its codes)."""
+    return torch.int8 if group["momentum_dtype"] == "int8" else momentum_dtype_for(group["momentum_dtype"], flat)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -279,10 +273,13 @@ class SlimAdamW(Optimizer):
             self.comm_stats = {"all_reduce_calls": calls, "all_reduce_bytes": nbytes}
         elif flat is not None:
             self.comm_stats = flat.comm_stats
-        for group, (batch, _) in zip(self.param_groups, batches):
+        for group, (batch, shards) in zip(self.param_groups, batches):
+            beta1, beta2 = group["betas"]
+            shared = [item for local in shards for item in local.shared_blocks]
+            if shared:  # int8 moments of 1-D weights cut by FSDP2: every block's scale over all ranks
+                dtensor_int8.share_block_maxima(shared, _as_float(beta1))
             if not batch.params:
                 continue
-            beta1, beta2 = group["betas"]
             slimadamw(
                 batch.params,
                 batch.grads,

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from slimadam_hf import SlimAdamW
+from slimadam_hf.core import quant
 
 from . import models
 
@@ -19,19 +20,27 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _max_diff(model, ref, opt, ref_opt) -> dict:
     params = max((_full(p) - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-    state = 0.0
+    state = state_int8 = 0.0
     for p, q in zip(model.parameters(), ref.parameters()):
         assert set(opt.state[p]) == set(ref_opt.state[q]), (set(opt.state[p]), set(ref_opt.state[q]))
         for key in sorted(set(ref_opt.state[q]) - {"step"}):  # the same order on every rank (collectives)
             a, b = _full(opt.state[p][key]), ref_opt.state[q][key]
+            if "exp_avg_absmax" in ref_opt.state[q] and key in ("exp_avg", "exp_avg_absmax"):
+                # int8: FSDP2's layouts of the single-process codes and scales
+                codes, absmax = quant.row_blocks(_full(opt.state[p]["exp_avg"]),
+                                                 _full(opt.state[p]["exp_avg_absmax"]), tuple(q.shape))
+                a = (codes if key == "exp_avg" else absmax).float()
+                state_int8 = max(state_int8, (a - b.float()).abs().max().item())
+                continue
             assert a.shape == b.shape, (key, a.shape, b.shape)
             state = max(state, (a - b).abs().max().item())
-    return {"params": params, "state": state}
+    return {"params": params, "state": state, "state_int8": state_int8}
 
 
-def exact_steps(rank: int, world_size: int, out_dir: Path, steps: int = 3, hsdp=None, **options) -> dict:
+def exact_steps(rank: int, world_size: int, out_dir: Path, steps: int = 3, hsdp=None, dtype=torch.float64,
+                **options) -> dict:
     """Synthetic gradients: optimizer built after fully_shard vs the single-process reference."""
-    ref = models.make_model()
+    ref = models.make_model(dtype=dtype)
     model = models.shard(copy.deepcopy(ref), hsdp)
     opt = SlimAdamW(models.param_groups(model), lr=1e-2, weight_decay=0.1, **options)
     ref_opt = SlimAdamW(models.param_groups(ref), lr=1e-2, weight_decay=0.1, foreach=False, **options)
@@ -47,7 +56,8 @@ def exact_steps(rank: int, world_size: int, out_dir: Path, steps: int = 3, hsdp=
         comm.append(dict(opt.comm_stats))
     mismatch = 0.0  # replicated second moments must stay identical on every rank
     for p in model.parameters():
-        for v in (opt.state[p].get("exp_avg_sq"), opt.state[p].get("exp_avg_sq_complement")):
+        replicated = ("exp_avg_sq", "exp_avg_sq_complement", "exp_avg_absmax")
+        for v in (opt.state[p].get(key) for key in replicated):
             if v is not None and all(pl.is_replicate() for pl in v.placements):
                 copies = [torch.empty_like(v.to_local()) for _ in range(world_size)]
                 torch.distributed.all_gather(copies, v.to_local().contiguous())
@@ -97,7 +107,7 @@ def _full_params(model) -> list[torch.Tensor]:
     return [_full(p).detach().clone() for p in model.parameters()]
 
 
-def _accelerate_full_state_roundtrip(model, opt, out_dir: Path, **options):
+def _accelerate_full_state_roundtrip(model, opt, out_dir: Path, dtype, **options):
     """Save with accelerate's FSDP2 FULL_STATE_DICT path, load into a model/optimizer built in its order."""
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -114,7 +124,7 @@ def _accelerate_full_state_roundtrip(model, opt, out_dir: Path, **options):
     ckpt = out_dir / "accelerate_full"
     save_fsdp_model(plugin, accelerator, model, str(ckpt))
     save_fsdp_optimizer(plugin, accelerator, opt, model, str(ckpt))
-    fresh = models.make_model(seed=1)
+    fresh = models.make_model(seed=1, dtype=dtype)
     fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1, **options)
     fresh = _switch_like_accelerate(fresh, fresh_opt)
     load_fsdp_model(plugin, accelerator, fresh, str(ckpt))
@@ -122,7 +132,7 @@ def _accelerate_full_state_roundtrip(model, opt, out_dir: Path, **options):
     return fresh, fresh_opt
 
 
-def _dcp_roundtrip(model, opt, out_dir: Path, **options):
+def _dcp_roundtrip(model, opt, out_dir: Path, dtype, **options):
     """Sharded save/load through torch.distributed.checkpoint into a fresh FSDP2 model and optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -130,7 +140,7 @@ def _dcp_roundtrip(model, opt, out_dir: Path, **options):
     ckpt = out_dir / "dcp"
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
-    fresh = models.shard(models.make_model(seed=1))
+    fresh = models.shard(models.make_model(seed=1, dtype=dtype))
     fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1, **options)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": model_sd, "optim": optim_sd}
@@ -139,15 +149,15 @@ def _dcp_roundtrip(model, opt, out_dir: Path, **options):
     return fresh, fresh_opt
 
 
-def _from_single_process_checkpoint(rank: int, out_dir: Path, **options):
+def _from_single_process_checkpoint(rank: int, out_dir: Path, dtype, **options):
     """A plain single-process checkpoint (torch.save) loaded into an FSDP2 model and optimizer."""
-    ref = models.make_model()
+    ref = models.make_model(dtype=dtype)
     ref_opt = SlimAdamW(models.param_groups(ref), lr=1e-2, weight_decay=0.1, **options)
     train(ref, ref_opt, 2, None, 1)
     path = out_dir / f"single_rank{rank}.pt"
     torch.save({"model": ref.state_dict(), "optim": ref_opt.state_dict()}, path)
     ckpt = torch.load(path, weights_only=True)
-    fresh = models.make_model(seed=1)
+    fresh = models.make_model(seed=1, dtype=dtype)
     fresh.load_state_dict(ckpt["model"])
     fresh = models.shard(fresh)
     fresh_opt = SlimAdamW(models.param_groups(fresh), lr=1e-2, weight_decay=0.1, **options)
@@ -155,14 +165,14 @@ def _from_single_process_checkpoint(rank: int, out_dir: Path, **options):
     return fresh, fresh_opt
 
 
-def checkpoints(rank: int, world_size: int, out_dir: Path, **options) -> dict:
+def checkpoints(rank: int, world_size: int, out_dir: Path, dtype=torch.float64, **options) -> dict:
     """Resume after 2 of 4 steps (DCP sharded, accelerate full state dict) vs the uninterrupted run."""
-    model = models.shard(models.make_model())
+    model = models.shard(models.make_model(dtype=dtype))
     opt = SlimAdamW(models.param_groups(model), lr=1e-2, weight_decay=0.1, **options)
     train(model, opt, 2, rank, world_size)
-    resumed = {"dcp": _dcp_roundtrip(model, opt, out_dir, **options),
-               "accelerate_full_state_dict": _accelerate_full_state_roundtrip(model, opt, out_dir, **options),
-               "single_process_checkpoint": _from_single_process_checkpoint(rank, out_dir, **options)}
+    resumed = {"dcp": _dcp_roundtrip(model, opt, out_dir, dtype, **options),
+               "accelerate_full_state_dict": _accelerate_full_state_roundtrip(model, opt, out_dir, dtype, **options),
+               "single_process_checkpoint": _from_single_process_checkpoint(rank, out_dir, dtype, **options)}
     train(model, opt, 2, rank, world_size, start=2)
     expected = _full_params(model)
     diffs = {}

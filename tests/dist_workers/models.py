@@ -41,9 +41,9 @@ class Tiny(nn.Module):
         return (self.one(u) ** 2).mean() + (self.side(q) ** 2).mean() + (k**2).mean()
 
 
-def make_model(seed: int = 0) -> Tiny:
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> Tiny:
     torch.manual_seed(seed)
-    return Tiny().double()
+    return Tiny().to(dtype)
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict]:

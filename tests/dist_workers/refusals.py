@@ -53,10 +53,20 @@ def fsdp1(rank: int, world_size: int, out_dir: Path) -> dict:
 
 
 def fsdp2_options(rank: int, world_size: int, out_dir: Path) -> dict:
-    """Options SlimAdamW cannot follow on DTensor (FSDP2) parameters: refused at the first step, one line each."""
+    """Options SlimAdamW cannot follow on DTensor parameters: refused at the first step, one line each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
     result = {}
-    for key, options in {"int8": dict(momentum_dtype="int8")}.items():
-        model = models.shard(models.make_model().float())
+    # int8 blocks lie inside rows: a weight cut along dim 1 (tensor parallel) would split them across ranks
+    for key, options in {"int8_dim1": dict(momentum_dtype="int8")}.items():
+        model = models.make_model().float()
+        for name, p in list(model.named_parameters()):
+            prefix, _, leaf = name.rpartition(".")
+            placement = Shard(1) if p.dim() >= 2 else Replicate()
+            module = model.get_submodule(prefix) if prefix else model
+            setattr(module, leaf, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [placement])))
         opt = SlimAdamW(models.param_groups(model), lr=1e-2, **options)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -96,11 +106,11 @@ def deepspeed_zero(rank: int, world_size: int, out_dir: Path, stages: tuple = (0
 
 
 def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_state: bool = False,
-                options: dict | None = None, then_robust: bool = False, **config) -> str:
+                options: dict | None = None, then: dict | None = None, **config) -> str:
     """One real DeepSpeed ZeRO run of the tiny model; the UnsupportedShardingError it raises, or 'NO ERROR'.
 
-    ``then_robust``: after the steps, go on with robust=True, as a run that resumes a robust=False
-    checkpoint with it (the live group's option wins on load)."""
+    ``then``: after the steps, go on with these group options (e.g. robust=True), as a run that resumes a
+    checkpoint saved without them (the live group's options win on load)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -121,9 +131,9 @@ def _zero_error(rank: int, world_size: int, stage: int, steps: int = 1, swap_sta
             opt.load_state_dict(states[(rank + 1) % world_size])
             engine.backward(engine(models.batch(steps, rank, world_size)))
             engine.step()
-        if then_robust:
+        if then:
             for group in opt.param_groups:
-                group["robust"] = True
+                group.update(then)
             engine.backward(engine(models.batch(steps, rank, world_size)))
             engine.step()
 
@@ -138,8 +148,8 @@ def deepspeed_refusals(rank: int, world_size: int, out_dir: Path) -> dict:
                                       data_types={"grad_accum_dtype": "fp32"}),
         "elastic_checkpoint": _zero_error(rank, world_size, 2, zero={"elastic_checkpoint": True}),
         "other_rank_state": _zero_error(rank, world_size, 2, swap_state=True),
-        "plain_state_robust": _zero_error(rank, world_size, 2, then_robust=True),
-        "int8": _zero_error(rank, world_size, 2, options=dict(momentum_dtype="int8")),
+        "plain_state_robust": _zero_error(rank, world_size, 2, then=dict(robust=True)),
+        "float_state_int8": _zero_error(rank, world_size, 2, then=dict(momentum_dtype="int8")),
         "auto_snr": _auto_snr_error(rank, world_size),
     }
 

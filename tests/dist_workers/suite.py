@@ -18,6 +18,8 @@ CHECKS = {
     "fsdp2_momentum_bf16": functools.partial(fsdp2.exact_steps, momentum_dtype=torch.bfloat16),
     "fsdp2_momentum_bf16_stochastic": functools.partial(fsdp2.exact_steps, momentum_dtype=torch.bfloat16,
                                                         momentum_rounding="stochastic"),
+    "fsdp2_momentum_int8": functools.partial(fsdp2.exact_steps, momentum_dtype="int8", dtype=torch.float32),
+    "fsdp2_checkpoints_int8": functools.partial(fsdp2.checkpoints, momentum_dtype="int8", dtype=torch.float32),
     "fsdp2_robust": functools.partial(fsdp2.exact_steps, robust=True),
     "hsdp_robust": functools.partial(fsdp2.exact_steps, hsdp=(1, 2), robust=True),
     "fsdp2_accelerate_order": fsdp2.training_accelerate_order,

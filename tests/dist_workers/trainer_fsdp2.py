@@ -67,13 +67,13 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def trainer_fsdp2(rank: int, world_size: int, out_dir: Path) -> dict:
+def trainer_fsdp2(rank: int, world_size: int, out_dir: Path, optim_args: str = "preset=gpt2") -> dict:
     """4 steps (checkpoint at step 2), then a run resumed from that checkpoint."""
     from torch.distributed.tensor import DTensor
 
     cls = trainer_class()
     run_dir = out_dir / "run"
-    args = training_args(run_dir, 2, True, save_strategy="steps", save_steps=2)
+    args = training_args(run_dir, 2, True, save_strategy="steps", save_steps=2, optim_args=optim_args)
     trainer = cls(model=tiny_gpt2(), args=args, train_dataset=dataset())
     trainer.train()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -87,7 +87,8 @@ def trainer_fsdp2(rank: int, world_size: int, out_dir: Path) -> dict:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*")),
     }
-    resumed = cls(model=tiny_gpt2(), args=training_args(out_dir / "resumed", 2, True), train_dataset=dataset())
+    resumed = cls(model=tiny_gpt2(), args=training_args(out_dir / "resumed", 2, True, optim_args=optim_args),
+                  train_dataset=dataset())
     resumed.train(resume_from_checkpoint=str(run_dir / "checkpoint-2"))
     resumed_params = full_params(resumed.model)
     if rank == 0:  # full state dicts with cpu_offload live on rank 0 only

@@ -41,10 +41,10 @@ def batch(step: int, rank: int | None = None, world_size: int = 1) -> torch.Tens
     return ids if rank is None else ids.chunk(world_size)[rank]
 
 
-def optimizer(model: torch.nn.Module, preset: str, kind: str, per_weight: bool, robust: bool = False
-              ) -> torch.optim.Optimizer:
-    """SlimAdamW from the preset (``robust``: its factored second moment), or torch AdamW with the same two
-    (or per-weight) param groups."""
+def optimizer(model: torch.nn.Module, preset: str, kind: str, per_weight: bool, robust: bool = False,
+              momentum_dtype: str | None = None, eps: float = 1e-8, rounding: str = "nearest") -> torch.optim.Optimizer:
+    """SlimAdamW from the preset (``robust``: its factored second moment; ``momentum_dtype`` and ``rounding``:
+    the first moment's storage), or torch AdamW with the same two (or per-weight) param groups."""
     groups = build_slimadam(model, preset=preset, lr=LR, weight_decay=WD).param_groups
     if per_weight:  # one group per weight: the ZeRO-1/2 partition boundary cuts every weight
         groups = [
@@ -57,11 +57,11 @@ def optimizer(model: torch.nn.Module, preset: str, kind: str, per_weight: bool, 
                    "weight_decay": g["weight_decay"]} for g in groups]
     if kind == "adamw":
         return torch.optim.AdamW([{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"]}
-                                  for g in groups], lr=LR)
+                                  for g in groups], lr=LR, eps=eps)
     for g in groups:
         if g["compress"] is None:
             g.pop("compress")
-    return SlimAdamW(groups, lr=LR, robust=robust)
+    return SlimAdamW(groups, lr=LR, eps=eps, robust=robust, momentum_dtype=momentum_dtype, momentum_rounding=rounding)
 
 
 def ds_config(stage: int, **extra: Any) -> dict:
@@ -91,7 +91,8 @@ def _max_all_ranks(value: float) -> float:
 
 
 def run(preset: str, kind: str, stage: int, rank: int, world_size: int, per_weight: bool, zero_init: bool = False,
-        robust: bool = False, **config: Any) -> dict:
+        robust: bool = False, momentum_dtype: str | None = None, eps: float = 1e-8, rounding: str = "nearest",
+        **config: Any) -> dict:
     """``STEPS`` ZeRO steps vs one process: worst relative parameter difference, and second moments."""
     import deepspeed
 
@@ -106,7 +107,8 @@ def run(preset: str, kind: str, stage: int, rank: int, world_size: int, per_weig
     else:
         model = tiny(preset)
     initial = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    opt, ref_opt = (optimizer(m, preset, kind, per_weight, robust) for m in (model, ref))
+    opt, ref_opt = (optimizer(m, preset, kind, per_weight, robust, momentum_dtype, eps, rounding)
+                    for m in (model, ref))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     for step in range(STEPS):
         engine.backward(_loss(engine, batch(step, rank, world_size)))
@@ -129,6 +131,8 @@ def run(preset: str, kind: str, stage: int, rank: int, world_size: int, per_weig
                               or getattr(engine.optimizer, "offload_optimizer", False))}
     if kind == "slimadam":
         result.update(_second_moments(opt, ref, ref_opt))
+        if momentum_dtype is not None:
+            result.update(_first_moments(opt, ref, ref_opt))
         if robust:
             result["complement_rel_diff"], result["complements_on_rank"] = _complements(opt, ref, ref_opt)
         result["comm"] = getattr(opt, "comm_stats", None)
@@ -168,6 +172,27 @@ def _second_moments(opt: SlimAdamW, ref: torch.nn.Module, ref_opt: SlimAdamW) ->
             "v_names_missing": sorted(set(ref_v) - covered)}
 
 
+def _first_moments(opt: SlimAdamW, ref: torch.nn.Module, ref_opt: SlimAdamW) -> dict:
+    """int8 or bfloat16: this rank's first moments (int8 codes read back) against the single process's: how many
+    elements differ (of how many), and the worst difference relative to the weight's largest moment."""
+    from slimadam_hf.core import quant
+    from slimadam_hf.distributed import zero
+
+    params = dict(ref.named_parameters())
+    differing, held, worst = 0, 0, 0.0
+    for name, (m, (start, numel)) in zero.first_moments(opt).items():
+        state = ref_opt.state[params[name]]
+        if state["exp_avg"].dtype == torch.int8:
+            whole = quant.dequantize(state["exp_avg"], state["exp_avg_absmax"], params[name].shape).reshape(-1)
+        else:
+            whole = state["exp_avg"].float().reshape(-1)
+        expected = whole.narrow(0, start, numel)
+        differing += int((m != expected).sum())
+        held += numel
+        worst = max(worst, ((m - expected).abs().max() / whole.abs().max()).item())
+    return {"m_differing": int(_max_all_ranks(differing)), "m_held": held, "m_rel_diff": _max_all_ranks(worst)}
+
+
 def _complements(opt: SlimAdamW, ref: torch.nn.Module, ref_opt: SlimAdamW) -> tuple[float, int]:
     """robust=True: this rank's complements against the single process's (worst relative difference, count)."""
     from slimadam_hf.core.factored import STATE_KEY
@@ -183,7 +208,8 @@ def _complements(opt: SlimAdamW, ref: torch.nn.Module, ref_opt: SlimAdamW) -> tu
 
 
 def accuracy(rank: int, world_size: int, out_dir: Path, cases: list, config: dict | None = None,
-             robust: bool = False) -> dict:
+             robust: bool = False, momentum_dtype: str | None = None, eps: float = 1e-8,
+             rounding: str = "nearest") -> dict:
     """Per case ``(preset, stage, per_weight[, zero_init])``: torch AdamW and SlimAdamW vs one process."""
     warnings.filterwarnings("ignore")
     result = {}
@@ -193,13 +219,27 @@ def accuracy(rank: int, world_size: int, out_dir: Path, cases: list, config: dic
             key += f"{':zero_init' if init else ''}:{kind}"
             try:
                 result[key] = run(preset, kind, stage, rank, world_size, per_weight, zero_init=bool(init),
-                                  robust=robust, **(config or {}))
+                                  robust=robust, momentum_dtype=momentum_dtype, eps=eps, rounding=rounding,
+                                  **(config or {}))
             except Exception:  # noqa: BLE001 - reported per case
                 import traceback
 
                 result[key] = {"traceback": traceback.format_exc()}
     return result
     return result
+
+
+def int8_probe(rank: int, world_size: int, out_dir: Path) -> dict:
+    """momentum_dtype="int8": AdamW and SlimAdamW vs one process (blocks cut by partition boundaries). eps 1e-3:
+    with 1e-8, GPT-2's near-zero gradients make even AdamW differ by 1e-4 from one process, enough to move
+    an int8 code across a rounding boundary."""
+    return accuracy(rank, world_size, out_dir, INT8_CASES, momentum_dtype="int8", eps=1e-3)
+
+
+def stochastic_probe(rank: int, world_size: int, out_dir: Path) -> dict:
+    """bfloat16 first moments rounded stochastically, each element's noise keyed by its position in its weight."""
+    return accuracy(rank, world_size, out_dir, STOCHASTIC_CASES, momentum_dtype="bfloat16", eps=1e-3,
+                    rounding="stochastic")
 
 
 # (preset, stage, one group per weight?[, built under zero.Init]); see the module doc for the cuts
@@ -209,6 +249,9 @@ OFFLOAD_CASES = [("gpt2", 2, True), ("llama", 3, False)]
 OFFLOAD = {"zero": {"offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}
 BF16_CASES = [("llama", 1, False), ("gpt2", 2, False), ("llama", 3, False)]
 ROBUST_CASES = [("gpt2", 1, True), ("llama", 2, True), ("gpt2", 3, False)]  # robust=True
+INT8_CASES = [("gpt2", 1, True), ("llama", 1, False), ("gpt2", 2, False), ("llama", 2, True), ("gpt2", 3, False),
+              ("llama", 3, False)]  # momentum_dtype="int8", eps 1e-3
+STOCHASTIC_CASES = [("gpt2", 1, True), ("llama", 2, False), ("gpt2", 3, False)]  # bfloat16 m, stochastic, eps 1e-3
 BF16 = {"bf16": {"enabled": True}}
 
 
@@ -223,6 +266,8 @@ def suite(rank: int, world_size: int, out_dir: Path) -> dict:
         "offload": lambda: accuracy(rank, world_size, out_dir, OFFLOAD_CASES, OFFLOAD),
         "bf16": lambda: accuracy(rank, world_size, out_dir, BF16_CASES, BF16),
         "robust": lambda: accuracy(rank, world_size, out_dir, ROBUST_CASES, robust=True),
+        "int8": lambda: int8_probe(rank, world_size, out_dir),
+        "stochastic": lambda: stochastic_probe(rank, world_size, out_dir),
         "refusals": lambda: refusals.deepspeed_refusals(rank, world_size, out_dir),
     }
     results = {}
