@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,14 @@ def test_second_moment_fit_smoke():
     median_rule, p99_rule, median_factored, p99_factored = (float(x) for x in rows[0].strip(" |").split("|")[1:])
     # a factor of AdamW's step per coordinate: positive, finite, and the 99th percentile above the median
     assert 0 < median_rule <= p99_rule < 100 and 0 < median_factored <= p99_factored < 100
+
+
+def test_paper_gpt2_smoke(tmp_path):
+    # the one-command GPU headline (scripts/paper_gpt2.sh) in its CPU smoke mode: every optimizer at both LRs
+    out = subprocess.run(["bash", str(REPO / "scripts" / "paper_gpt2.sh"), "--smoke", "--out", str(tmp_path)],
+                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "paper_gpt2.md").read_text()
+    for name in ("AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam int8 m"):
+        assert table.count(f"| {name} |") == 2, table
+    assert (tmp_path / "paper_gpt2.png").stat().st_size > 0
