@@ -6,11 +6,13 @@ The paper trains GPT-2 124M for 5,000 steps of 1.3M tokens (warm-up then cosine 
 static Table-1 rules ends within 0.4% of AdamW's validation loss (``../shared/paper-notes.md``). This
 script keeps the model and the recipe and scales the data to fit a few minutes: a byte-level BPE tokenizer
 trained here on local text (the Shakespeare plays under ``scripts/data`` and CPython's pydoc topics, no
-download), sequences of ``--seq`` tokens, ``--steps`` steps. Optimizers: torch AdamW, SlimAdam (gpt2
-preset), SlimAdam ``robust=True`` and SlimAdam with int8 momentum, at the paper's LR and at 3x it.
+download; about 325k tokens), sequences of ``--seq`` tokens, ``--steps`` steps (about 2.7 epochs by
+default), 3 seeds. Optimizers: torch AdamW, SlimAdam (gpt2 preset), SlimAdam ``robust=True`` and SlimAdam
+with int8 momentum, at the paper's LR and at 3x it.
 
-Outputs in ``--out``: ``paper_gpt2.md`` (final validation loss per LR and optimizer, ratio to AdamW),
-``paper_gpt2.png`` (validation loss vs step, one panel per LR) and ``paper_gpt2.json`` (every curve).
+Outputs in ``--out``: ``paper_gpt2.md`` (final validation loss per LR and optimizer, mean ± sd over the
+seeds, ratio to AdamW's mean), ``paper_gpt2.png`` (mean validation loss vs step, one panel per LR) and
+``paper_gpt2.json`` (every curve).
 
     bash scripts/paper_gpt2.sh                 # one CUDA GPU, about 5 minutes on an H100/H200
     bash scripts/paper_gpt2.sh --smoke         # a tiny GPT-2 for a few steps on CPU (CI)
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,18 +98,23 @@ def train(name: str, lr: float, seed: int, data: dict[str, Any], cfg: argparse.N
                 diverged=diverged, seconds=time.time() - start)
 
 
-def table(runs: list[dict[str, Any]], lrs: list[float]) -> str:
-    lines = ["| lr | optimizer | final val loss | vs AdamW | seconds |", "|---|---|---:|---:|---:|"]
+def _finals(runs: list[dict[str, Any]], lr: float, name: str) -> list[float]:
+    return [r["final_val"] for r in runs if r["lr"] == lr and r["optimizer"] == name]
+
+
+def table(runs: list[dict[str, Any]], lrs: list[float], names: list[str]) -> str:
+    lines = ["| lr | optimizer | final val loss (mean ± sd) | vs AdamW | seconds per run |", "|---|---|---:|---:|---:|"]
     for lr in lrs:
-        at_lr = [r for r in runs if r["lr"] == lr]
-        base = next((r["final_val"] for r in at_lr if r["optimizer"] == "AdamW"), float("nan"))
-        for r in at_lr:
-            lines.append(f"| {lr:g} | {r['optimizer']} | {r['final_val']:.4f} | {r['final_val'] / base:.4f}x | "
-                         f"{r['seconds']:.0f} |")
+        base = statistics.fmean(_finals(runs, lr, "AdamW")) if "AdamW" in names else float("nan")
+        for name in names:
+            finals = _finals(runs, lr, name)
+            mean, sd = statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0
+            seconds = statistics.fmean(r["seconds"] for r in runs if r["lr"] == lr and r["optimizer"] == name)
+            lines.append(f"| {lr:g} | {name} | {mean:.4f} ± {sd:.4f} | {mean / base:.4f}x | {seconds:.0f} |")
     return "\n".join(lines)
 
 
-def plot(runs: list[dict[str, Any]], lrs: list[float], path: Path) -> None:
+def plot(runs: list[dict[str, Any]], lrs: list[float], names: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,8 +122,11 @@ def plot(runs: list[dict[str, Any]], lrs: list[float], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4), squeeze=False)
     for ax, lr in zip(axes[0], lrs):
-        for r in (r for r in runs if r["lr"] == lr):
-            ax.plot([s for s, _ in r["curve"]], [v for _, v in r["curve"]], label=r["optimizer"])
+        for name in names:
+            curves = [r["curve"] for r in runs if r["lr"] == lr and r["optimizer"] == name]
+            points = min(map(len, curves))  # a diverged run stops early
+            ax.plot([s for s, _ in curves[0][:points]],
+                    [statistics.fmean(c[i][1] for c in curves) for i in range(points)], label=name)
         ax.set(xlabel="step", ylabel="validation loss", title=f"GPT-2, lr {lr:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -129,9 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="paper_gpt2_out")
     parser.add_argument("--lrs", nargs="+", type=float, default=[PAPER_LR, 3 * PAPER_LR])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
@@ -146,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cfg.smoke:
         text = text[:100_000]
         cfg.steps, cfg.batch, cfg.seq, cfg.width, cfg.layers, cfg.heads = 4, 4, 32, 32, 1, 2
-        cfg.vocab, cfg.eval_every, cfg.val_batches = 300, 2, 2
+        cfg.vocab, cfg.eval_every, cfg.val_batches, cfg.seeds = 300, 2, 2, cfg.seeds[:1]
     elif cfg.device == "cpu":
         print("no CUDA device: GPT-2 124M on CPU takes hours; use --smoke, or a GPU", file=sys.stderr)
     out = Path(cfg.out)
@@ -162,19 +173,21 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"corpus: {source}, {len(tokens):,} tokens (BPE vocab {cfg.vocab}), 95/5 split; {cfg.steps} steps of "
               f"{cfg.batch} x {cfg.seq} tokens ({cfg.steps * cfg.batch * cfg.seq / cut:.1f} epochs), warm-up 10% then cosine to lr/10, betas (0.9, 0.95), "
               f"weight decay 0.1, clip 1.0{', bf16 autocast' if cfg.device.startswith('cuda') else ''}; "
-              f"seed {cfg.seed}")
+              f"seeds {cfg.seeds}")
     print(header, flush=True)
 
     runs = []
     for lr in cfg.lrs:
-        for name in cfg.optimizers:
-            runs.append(train(name, lr, cfg.seed, data, cfg))
-            r = runs[-1]
-            print(f"lr {lr:g} {name:16s} final val {r['final_val']:.4f} ({r['seconds']:.0f} s)", flush=True)
-    md = table(runs, cfg.lrs)
+        for seed in cfg.seeds:
+            for name in cfg.optimizers:
+                runs.append(train(name, lr, seed, data, cfg))
+                r = runs[-1]
+                print(f"lr {lr:g} seed {seed} {name:16s} final val {r['final_val']:.4f} ({r['seconds']:.0f} s)",
+                      flush=True)
+    md = table(runs, cfg.lrs, cfg.optimizers)
     (out / "paper_gpt2.md").write_text(f"{header}\n\n{md}\n\ntotal {time.time() - started:.0f} s\n")
     (out / "paper_gpt2.json").write_text(json.dumps(dict(config=vars(cfg), runs=runs), indent=1))
-    plot(runs, cfg.lrs, out / "paper_gpt2.png")
+    plot(runs, cfg.lrs, cfg.optimizers, out / "paper_gpt2.png")
     print(md)
     print(f"total {time.time() - started:.0f} s; wrote {out / 'paper_gpt2.md'} and {out / 'paper_gpt2.png'}")
     return 0
