@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from slimadam_hf import SlimAdamW
@@ -207,3 +209,31 @@ def tensor_parallel_dim1(rank: int, world_size: int, out_dir: Path, steps: int =
         opt.step()
         ref_opt.step()
     return {"diff": _max_diff(model, ref, opt, ref_opt), "comm": opt.comm_stats}
+
+
+def hf_models(rank: int, world_size: int, out_dir: Path, steps: int = 4, **options) -> dict:
+    """Tiny HF GPT-2 and Llama (the ZeRO tests' models and presets), each block and the root under FSDP2, each
+    rank half of the global batch, float32, against one process on the whole batch: the worst relative
+    parameter difference of SlimAdamW with ``options`` and of torch AdamW in the same harness."""
+    from . import zero
+
+    result = {}
+    for preset in ("gpt2", "llama"):
+        for kind in ("adamw", "slimadam"):
+            ref = zero.tiny(preset)
+            model = copy.deepcopy(ref)
+            blocks = model.transformer.h if preset == "gpt2" else model.model.layers
+            for block in blocks:
+                fully_shard(block)
+            fully_shard(model)
+            make = functools.partial(zero.optimizer, preset=preset, kind=kind, per_weight=False, **options)
+            opt, ref_opt = make(model), make(ref)
+            for step in range(steps):
+                for m, o, ids in ((model, opt, zero.batch(step, rank, world_size)), (ref, ref_opt, zero.batch(step))):
+                    zero._loss(m, ids).backward()
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+            rel = max(((_full(p) - q).abs().max() / q.abs().max()).item()
+                      for p, q in zip(model.parameters(), ref.parameters()))
+            result[f"{preset}:{kind}"] = rel
+    return result
