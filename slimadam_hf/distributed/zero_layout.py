@@ -18,8 +18,8 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..core.compress_spec import Segment, second_moment_numel, segments
-from ..core.quant import Range, block_of_position, block_span
 from ..core.factored import complement_numel, complement_segments
+from ..core.quant import Range, block_of_position, block_span
 from .guards import UnsupportedShardingError
 
 # Per-optimizer cache, kept off the optimizer so that pickling or deep-copying it is unaffected.
