@@ -37,6 +37,7 @@ from ..core.compress_spec import CompressSpec, Segment, second_moment_dtype, sec
 from ..core.factored import STATE_KEY as COMPLEMENT_KEY
 from ..core.factored import Complement, complement_segments, complement_shape
 from . import dtensor_int8
+from .dtensor_state import distribute, localize
 from .guards import UnsupportedShardingError
 
 # Per-optimizer layout cache, kept off the optimizer so that pickling or deep-copying it is unaffected.
@@ -78,14 +79,6 @@ class LocalInputs:
     complement: Optional[Complement] = None  # robust=True: the replicated complement and its partial stats
     complement_reduce: list[Tensor] = field(default_factory=list)  # summed over every sharded mesh dim
     shared_blocks: list[dtensor_int8.SharedBlocks] = field(default_factory=list)  # int8: scales to exchange
-
-
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for size in reversed(shape):
-        stride.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(stride))
 
 
 def _shard_dim(placement: Any) -> Optional[int]:
@@ -190,39 +183,9 @@ def _layout(owner: Any, param: Tensor, spec: CompressSpec, name: str) -> _Layout
 # -- state --------------------------------------------------------------------------------------
 
 
-def _localize(tensor: Tensor, like_mesh: Any, placements: tuple, global_shape: tuple[int, ...], name: str) -> Tensor:
-    """``tensor`` as a DTensor with ``placements``: redistributed, or sliced from a full plain tensor."""
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if isinstance(tensor, DTensor):
-        if tuple(tensor.placements) != tuple(placements):
-            tensor = tensor.redistribute(like_mesh, placements)
-        return tensor
-    if tuple(tensor.shape) != tuple(global_shape):
-        raise ValueError(
-            f"SlimAdamW: optimizer state of parameter {name!r} has shape {list(tensor.shape)}, expected the "
-            f"global shape {list(global_shape)}; load sharded checkpoints with torch.distributed.checkpoint"
-        )
-    if any(isinstance(pl, Shard) and type(pl) is not Shard for pl in placements):
-        raise ValueError(
-            f"SlimAdamW: cannot slice a full optimizer state for {name!r} onto strided shards {placements}; "
-            "load it through torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
-        )
-    local_shape, offset = compute_local_shape_and_global_offset(global_shape, like_mesh, placements)
-    local = tensor
-    for d, (size, start) in enumerate(zip(local_shape, offset)):
-        if size != global_shape[d]:
-            local = local.narrow(d, start, size)
-    return DTensor.from_local(
-        local.contiguous(), like_mesh, placements, run_check=False,
-        shape=torch.Size(global_shape), stride=_contiguous_stride(global_shape),
-    )
-
-
 def _init_complement(state: dict[str, Any], param: Tensor, layout: _Layout, name: str, fresh: bool) -> None:
     """``robust=True``: the replicated ``exp_avg_sq_complement`` (created, or a loaded one replicated)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     if layout.complement_shape is None:
         return
@@ -233,7 +196,7 @@ def _init_complement(state: dict[str, Any], param: Tensor, layout: _Layout, name
         )
     replicate = tuple(Replicate() for _ in param.placements)
     if COMPLEMENT_KEY in state:
-        state[COMPLEMENT_KEY] = _localize(state[COMPLEMENT_KEY], layout.mesh, replicate, layout.complement_shape, name)
+        state[COMPLEMENT_KEY] = localize(state[COMPLEMENT_KEY], layout.mesh, replicate, layout.complement_shape, name)
         return
     if not fresh:
         raise ValueError(
@@ -241,17 +204,12 @@ def _init_complement(state: dict[str, Any], param: Tensor, layout: _Layout, name
             "robust=False); under FSDP2 resume it with robust=False, or convert it in one process first"
         )
     local = torch.zeros(layout.complement_shape, dtype=second_moment_dtype(param.dtype), device=param.to_local().device)
-    state[COMPLEMENT_KEY] = DTensor.from_local(
-        local, layout.mesh, replicate, run_check=False, shape=torch.Size(layout.complement_shape),
-        stride=_contiguous_stride(layout.complement_shape),
-    )
+    state[COMPLEMENT_KEY] = distribute(local, layout.mesh, replicate, layout.complement_shape)
 
 
 def _init_state(
     state: dict[str, Any], param: Tensor, layout: _Layout, name: str, momentum_dtype: torch.dtype
 ) -> dict[str, Any]:
-    from torch.distributed.tensor import DTensor
-
     if momentum_dtype == torch.int8:
         dtensor_int8.init_state(state, param, name)
     if "exp_avg_sq" not in state:
@@ -261,16 +219,13 @@ def _init_state(
         local_v = torch.zeros(
             layout.v_local_shape, dtype=second_moment_dtype(param.dtype), device=param.to_local().device
         )
-        state["exp_avg_sq"] = DTensor.from_local(
-            local_v, layout.mesh, layout.v_placements, run_check=False,
-            shape=torch.Size(layout.v_global_shape), stride=_contiguous_stride(layout.v_global_shape),
-        )
+        state["exp_avg_sq"] = distribute(local_v, layout.mesh, layout.v_placements, layout.v_global_shape)
         return state
     # State loaded from a plain (single-process or gathered) state dict: shard it like the parameter.
     if momentum_dtype != torch.int8:
-        state["exp_avg"] = _localize(state["exp_avg"], param.device_mesh, tuple(param.placements), tuple(param.shape),
+        state["exp_avg"] = localize(state["exp_avg"], param.device_mesh, tuple(param.placements), tuple(param.shape),
                                      name)
-    state["exp_avg_sq"] = _localize(
+    state["exp_avg_sq"] = localize(
         state["exp_avg_sq"], layout.mesh, layout.v_placements, layout.v_global_shape, name
     )
     return state

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..core import quant
 from ..core.quant import STATE_KEY as ABSMAX_KEY
 from ..core.quant import QuantizedMomentum, RangeQuantizedMomentum
+from .dtensor_state import distribute, localize
 from .guards import UnsupportedShardingError
 
 
@@ -66,21 +67,10 @@ def _layout(param: Tensor, name: str) -> tuple[tuple[int, ...], tuple[int, ...],
     return (rows, per_row * quant.BLOCK), (rows, per_row), kept, kept
 
 
-def _distribute(local: Tensor, mesh: Any, placements: tuple, shape: tuple[int, ...]) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    from .dtensor import _contiguous_stride
-
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))
-
-
 def init_state(state: dict[str, Any], param: Tensor, name: str) -> None:
     """Create the int8 moment of ``param`` (zeros), or lay a loaded one (any layout) out for this rank."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    from .dtensor import _localize
 
     codes_shape, absmax_shape, codes_pl, absmax_pl = _layout(param, name)
     mesh = param.device_mesh
@@ -88,9 +78,9 @@ def init_state(state: dict[str, Any], param: Tensor, name: str) -> None:
         device = param.to_local().device
         local_codes, _ = compute_local_shape_and_global_offset(codes_shape, mesh, codes_pl)
         local_absmax, _ = compute_local_shape_and_global_offset(absmax_shape, mesh, absmax_pl)
-        state["exp_avg"] = _distribute(torch.zeros(local_codes, dtype=torch.int8, device=device), mesh, codes_pl,
+        state["exp_avg"] = distribute(torch.zeros(local_codes, dtype=torch.int8, device=device), mesh, codes_pl,
                                        codes_shape)
-        state[ABSMAX_KEY] = _distribute(torch.zeros(local_absmax, dtype=torch.float32, device=device), mesh,
+        state[ABSMAX_KEY] = distribute(torch.zeros(local_absmax, dtype=torch.float32, device=device), mesh,
                                         absmax_pl, absmax_shape)
         return
     codes, absmax = state["exp_avg"], state[ABSMAX_KEY]
@@ -98,8 +88,8 @@ def init_state(state: dict[str, Any], param: Tensor, name: str) -> None:
         if _is_cut(param):
             codes = codes.reshape(-1)[: param.numel()]
         codes, absmax = codes.reshape(codes_shape), absmax.reshape(absmax_shape)
-    state["exp_avg"] = _localize(codes, mesh, codes_pl, codes_shape, name)
-    state[ABSMAX_KEY] = _localize(absmax, mesh, absmax_pl, absmax_shape, name)
+    state["exp_avg"] = localize(codes, mesh, codes_pl, codes_shape, name)
+    state[ABSMAX_KEY] = localize(absmax, mesh, absmax_pl, absmax_shape, name)
 
 
 def local_momentum(state: dict[str, Any], param: Tensor) -> Union[QuantizedMomentum, RangeQuantizedMomentum]:
