@@ -3,7 +3,6 @@ moment (dequantized, updated, requantized per chunk) and the factored denominato
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
