@@ -20,6 +20,9 @@ weight decay 0.1 on the decayed parameters, betas (0.9, 0.95). Accuracy on the w
 
     python scripts/bench_vit_quality.py --vit-task fashion --vit-steps 2000 --vit-lrs 3e-4 1e-3 3e-3 \\
         --seeds 0 --optimizers AdamW --out /tmp/vit_grid
+    python scripts/bench_vit_quality.py --smoke --optimizers AdamW SlimAdam "SlimAdam SNR" --out /tmp/v  # CI
+
+The commands and results behind docs/quality.md are listed there.
 
 Prints a markdown table (mean ± sd over seeds, accuracy in points, difference to AdamW at the same
 LR) and writes ``vit_quality.json`` / ``vit_quality.md`` under ``--out``.
@@ -243,7 +246,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--snr-rules", metavar="JSON", help="reuse the 'snr_override' of an earlier vit_quality.json")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench_vit_out")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, 512 train / 256 test images (CI)")
     cfg = p.parse_args(argv)
+    if cfg.smoke:
+        cfg.vit_steps, cfg.vit_batch, cfg.seeds, cfg.width, cfg.layers, cfg.heads = 4, 16, cfg.seeds[:1], 16, 1, 2
     if cfg.image_size is None:
         cfg.image_size = 28 if cfg.vit_task == "fashion" else 16
     torch.set_num_threads(cfg.threads)
@@ -253,6 +259,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_task(cfg.vit_task, cfg.image_size)
+    if cfg.smoke:
+        data = (data[0][:512], data[1][:512], data[2][:256], data[3][:256], *data[4:])
     notes = [f"task: {data[5]}, {data[4]} classes"]
     start = time.time()
     runs: list[dict] = []
