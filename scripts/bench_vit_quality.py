@@ -6,6 +6,8 @@ Tasks (``--vit-task``):
 
 * ``fashion``: Fashion-MNIST, 28x28 grey, 60k train / 10k test (Debian ``dataset-fashion-mnist``,
   IDX files under /usr/share/datasets/fashion-mnist; ``apt-get install dataset-fashion-mnist``);
+* ``letters``: 26 letters rendered with Pillow's built-in font (``scripts/letters_task.py``: random case,
+  size, rotation, shear, stroke and noise; 60k train / 10k test, 28x28); no download, a held-out task;
 * ``digits``: scikit-learn's 8x8 digits (1,797 images, 80/20 split, seed 0), upsampled bilinearly to
   ``--image-size`` (default 16).
 
@@ -71,8 +73,9 @@ def _idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
 
 
-def load_task(task: str, image_size: int) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test, n_classes, description); x as float (N, 1, H, W), normalised."""
+def load_task(task: str, image_size: int, smoke: bool = False) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test, n_classes, description); x as float (N, 1, H, W), normalised
+    (``smoke``: the generated letters task renders only as many images as the smoke run uses)."""
     if task == "fashion":
         if not FASHION.is_dir():
             raise SystemExit(f"{FASHION} missing: apt-get install dataset-fashion-mnist")
@@ -81,6 +84,13 @@ def load_task(task: str, image_size: int) -> tuple[torch.Tensor, ...]:
         xte = _idx(FASHION / "t10k-images-idx3-ubyte.gz").float().unsqueeze(1) / 255.0
         yte = _idx(FASHION / "t10k-labels-idx1-ubyte.gz").long()
         desc = f"Fashion-MNIST ({FASHION}), {len(xtr)} train / {len(xte)} test, 28x28"
+    elif task == "letters":
+        from letters_task import render
+
+        xtr, ytr = render(512 if smoke else 60000, seed=0)
+        xte, yte = render(256 if smoke else 10000, seed=1)
+        xtr, xte = xtr.float().unsqueeze(1) / 255.0, xte.float().unsqueeze(1) / 255.0
+        desc = f"letters (Pillow's built-in font, scripts/letters_task.py), {len(xtr)} train / {len(xte)} test, 28x28"
     elif task == "digits":
         digits = bq.load_digits()
         if digits is None:
@@ -229,14 +239,14 @@ def table(runs: list[dict]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vit-task", choices=["fashion", "digits"], default="fashion")
+    p.add_argument("--vit-task", choices=["fashion", "letters", "digits"], default="fashion")
     p.add_argument("--vit-steps", type=int, default=2000)
     p.add_argument("--vit-lrs", nargs="+", type=float, default=[1e-3])
     p.add_argument("--vit-batch", type=int, default=64)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--optimizers", nargs="+", default=["AdamW", "SlimAdam", "SlimAdam robust"],
                    help=f"{BASE_OPTIMIZERS} or 'full ROLE' (roles: {ROLES})")
-    p.add_argument("--image-size", type=int, default=None, help="default: 28 (fashion), 16 (digits)")
+    p.add_argument("--image-size", type=int, default=None, help="default: 28 (fashion, letters), 16 (digits)")
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -251,14 +261,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cfg.smoke:
         cfg.vit_steps, cfg.vit_batch, cfg.seeds, cfg.width, cfg.layers, cfg.heads = 4, 16, cfg.seeds[:1], 16, 1, 2
     if cfg.image_size is None:
-        cfg.image_size = 28 if cfg.vit_task == "fashion" else 16
+        cfg.image_size = 16 if cfg.vit_task == "digits" else 28
     torch.set_num_threads(cfg.threads)
     for n in cfg.optimizers:
         if n not in BASE_OPTIMIZERS and not (n.startswith("full ") and n[5:] in ROLES):
             p.error(f"unknown optimizer {n!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_task(cfg.vit_task, cfg.image_size)
+    data = load_task(cfg.vit_task, cfg.image_size, cfg.smoke)
     if cfg.smoke:
         data = (data[0][:512], data[1][:512], data[2][:256], data[3][:256], *data[4:])
     notes = [f"task: {data[5]}, {data[4]} classes"]
