@@ -50,8 +50,8 @@ EXPECTED = {
         (r".*\.bias", BIAS),
     ],
     "vit": [
-        (r"vit\.embeddings\.cls_token", ("token_embedding", (2,))),
-        (r"vit\.embeddings\.position_embeddings", ("position_embedding", (2,))),
+        (r"vit\.embeddings\.cls_token", ("token_embedding", None)),
+        (r"vit\.embeddings\.position_embeddings", ("position_embedding", None)),
         (r".*patch_embeddings\.projection\.weight", ("patch_embedding", (1, 2, 3))),
         (r".*attention\.q_proj\.weight", ("query", (1,))),
         (r".*attention\.k_proj\.weight", ("key", (1,))),
