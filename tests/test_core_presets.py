@@ -54,7 +54,7 @@ EXPECTED = {
         (r"vit\.embeddings\.position_embeddings", ("position_embedding", None)),
         (r".*patch_embeddings\.projection\.weight", ("patch_embedding", (1, 2, 3))),
         (r".*attention\.q_proj\.weight", ("query", (1,))),
-        (r".*attention\.k_proj\.weight", ("key", (1,))),
+        (r".*attention\.k_proj\.weight", ("key", None)),
         (r".*attention\.v_proj\.weight", ("value", (0,))),
         (r".*attention\.o_proj\.weight", ("attention_output", (0,))),
         (r".*mlp\.fc1\.weight", ("mlp_up", (0,))),
