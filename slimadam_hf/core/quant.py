@@ -186,6 +186,7 @@ class RangeQuantizedMomentum:
     shape: torch.Size  # the local tensor's shape
     ranges: tuple[Range, ...]
     floor: Optional[Tensor] = None  # per slot, the block's largest magnitude on any rank (set before store_)
+    advanced: Optional[Tensor] = None  # this step's float32 values once computed (built anew every step)
 
     def slots(self) -> Tensor:
         """Each local element's scale slot (int64)."""
@@ -219,5 +220,14 @@ class RangeQuantizedMomentum:
         return values
 
     def advance(self, grad: Tensor, weight: float) -> Tensor:
-        """The moment's new float32 values (``m + weight * (g - m)``), not yet stored."""
-        return self.dequantize().lerp_(grad.float(), weight)
+        """The moment's new float32 values (``m + weight * (g - m)``), not yet stored; computed once, for the
+        exchange of the block maxima and the update alike."""
+        if self.advanced is None:
+            self.advanced = self.dequantize().lerp_(grad.float(), weight)
+        return self.advanced
+
+    def propose_floor(self, grad: Tensor, weight: float) -> Tensor:
+        """Set ``floor`` to this rank's largest magnitude per scale slot of the advanced moment, and return it
+        for the exchange between ranks to raise in place."""
+        self.floor = self.local_maxima(self.advance(grad, weight))
+        return self.floor

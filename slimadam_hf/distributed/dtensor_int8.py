@@ -121,8 +121,7 @@ def share_block_maxima(items: Sequence[SharedBlocks], beta1: float) -> int:
 
     buckets: dict[tuple, list[tuple[SharedBlocks, Tensor]]] = defaultdict(list)
     for item in items:
-        local = item.momentum.local_maxima(item.momentum.advance(item.grad, 1 - beta1))
-        item.momentum.floor = local
+        local = item.momentum.propose_floor(item.grad, 1 - beta1)
         for mesh_dim in item.mesh_dims:
             buckets[(item.mesh, mesh_dim, local.device)].append((item, local))
     for (mesh, mesh_dim, _), entries in buckets.items():

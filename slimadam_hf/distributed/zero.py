@@ -196,7 +196,8 @@ def _statistics(
     return buf, per_kind[0], per_kind[1]
 
 
-def _all_reduce(regions: list[tuple[Any, Tensor]]) -> tuple[int, int]:
+def _all_reduce(regions: list[tuple[Any, Tensor]], op: Any = None) -> tuple[int, int]:
+    """All-reduce every region over its process group (sum, or ``op``), one call per group, dtype and device."""
     import torch.distributed as dist
 
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -207,7 +208,7 @@ def _all_reduce(regions: list[tuple[Any, Tensor]]) -> tuple[int, int]:
         flat = parts[0] if len(parts) == 1 else torch.cat(parts)
         if device.type == "cpu" and dist.get_backend(pg) == "nccl":  # CPU-resident partitions, GPU collectives
             flat = flat.cuda()
-        dist.all_reduce(flat, group=pg)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM if op is None else op, group=pg)
         calls += 1
         nbytes += flat.numel() * flat.element_size()
         if flat is not parts[0] or len(parts) > 1:
@@ -225,28 +226,19 @@ def _share_block_maxima(items: list[tuple[Layout, RangeQuantizedMomentum, Tensor
     group. Returns the calls made."""
     import torch.distributed as dist
 
-    tables: dict[Any, list[tuple[Layout, Tensor, Tensor]]] = defaultdict(list)
+    tables = []
     for layout, momentum, grad, beta1 in items:
-        local = momentum.local_maxima(momentum.advance(grad, 1 - beta1))
-        momentum.floor = local
+        local = momentum.propose_floor(grad, 1 - beta1)
         table = torch.zeros(layout.boundary_numel, dtype=torch.float32, device=local.device)
         for slot, boundaries in layout.shared_blocks:
             index = torch.tensor(boundaries, device=local.device)
             table[index] = torch.maximum(table[index], local[slot])
-        tables[layout.pg].append((layout, local, table))
-    for pg, entries in tables.items():
-        flat = torch.cat([table for *_, table in entries])
-        if flat.device.type == "cpu" and dist.get_backend(pg) == "nccl":
-            flat = flat.cuda()
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=pg)
-        flat = flat.to(entries[0][1].device)
-        offset = 0
-        for layout, local, table in entries:
-            table = flat[offset : offset + table.numel()]
-            offset += table.numel()
-            for slot, boundaries in layout.shared_blocks:
-                local[slot] = torch.maximum(local[slot], table[list(boundaries)].max())
-    return len(tables)
+        tables.append((layout, local, table))
+    calls, _ = _all_reduce([(layout.pg, table) for layout, _, table in tables], dist.ReduceOp.MAX)
+    for layout, local, table in tables:
+        for slot, boundaries in layout.shared_blocks:
+            local[slot] = torch.maximum(local[slot], table[list(boundaries)].max())
+    return calls
 
 
 def is_flattened(optimizer: Any) -> bool:
