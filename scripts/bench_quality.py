@@ -110,20 +110,24 @@ class Batches:
 # -- models -----------------------------------------------------------------------------------------
 
 
-def build_lm(arch: str, vocab: int, width: int, layers: int, seq: int, seed: int) -> nn.Module:
+def build_lm(
+    arch: str, vocab: int, width: int, layers: int, seq: int, seed: int, init_range: Optional[float] = None
+) -> nn.Module:
+    """A tiny LM from a config with random init; ``init_range`` overrides the config's ``initializer_range``."""
     import transformers
 
     transformers.logging.set_verbosity_error()
+    init = {} if init_range is None else {"initializer_range": init_range}
     if arch == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab, n_positions=seq, n_embd=width, n_layer=layers, n_head=4,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **init,
         )
     elif arch == "bert":  # masked LM; one extra token id, vocab, is [MASK]
         config = transformers.BertConfig(
             vocab_size=vocab + 1, hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
             intermediate_size=4 * width, max_position_embeddings=seq, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, **init,
         )
         torch.manual_seed(seed)
         return transformers.BertForMaskedLM(config)
@@ -131,7 +135,7 @@ def build_lm(arch: str, vocab: int, width: int, layers: int, seq: int, seed: int
         config = transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=width, intermediate_size=int(width * 8 / 3) // 8 * 8,
             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=seq, tie_word_embeddings=False,
+            max_position_embeddings=seq, tie_word_embeddings=False, **init,
         )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config)
@@ -285,7 +289,7 @@ def train_lm(
     arch: str, opt_name: str, lr: float, seed: int, data: dict[str, Any], cfg: argparse.Namespace,
     snr_overrides: Optional[dict] = None, recorder_path: Optional[Path] = None,
 ) -> dict[str, Any]:
-    model = build_lm(arch, data["vocab"], cfg.width, cfg.layers, cfg.seq, seed)
+    model = build_lm(arch, data["vocab"], cfg.width, cfg.layers, cfg.seq, seed, getattr(cfg, "init_range", None))
     opt = make_optimizer(opt_name, model, lr, snr_overrides)
     recorder = None
     if recorder_path is not None:
@@ -478,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--init-range", type=float, default=None,
+                        help="the LMs' initializer_range (default: the config's, 0.02)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--val-batches", type=int, default=4)
     parser.add_argument("--vit-lr", type=float, default=3e-3)
@@ -560,7 +566,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     elapsed = time.time() - start
     notes += [
         f"- models: width {cfg.width}, {cfg.layers} layers, 4 heads, seq {cfg.seq}, batch {cfg.batch}, "
-        f"{cfg.steps} steps, eval every {cfg.eval_every} on {cfg.val_batches} fixed validation batches",
+        f"{cfg.steps} steps, eval every {cfg.eval_every} on {cfg.val_batches} fixed validation batches"
+        + ("" if cfg.init_range is None else f", initializer_range {cfg.init_range:g}"),
         f"- seeds {cfg.seeds}; learning rates {cfg.lrs}; wall time {elapsed / 60:.1f} min, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average at end {os.getloadavg()[0]:.2f}",
     ]
