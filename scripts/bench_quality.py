@@ -289,7 +289,7 @@ def train_lm(
     arch: str, opt_name: str, lr: float, seed: int, data: dict[str, Any], cfg: argparse.Namespace,
     snr_overrides: Optional[dict] = None, recorder_path: Optional[Path] = None,
 ) -> dict[str, Any]:
-    model = build_lm(arch, data["vocab"], cfg.width, cfg.layers, cfg.seq, seed, getattr(cfg, "init_range", None))
+    model = build_lm(arch, data["vocab"], cfg.width, cfg.layers, cfg.seq, seed, cfg.init_range)
     opt = make_optimizer(opt_name, model, lr, snr_overrides)
     recorder = None
     if recorder_path is not None:

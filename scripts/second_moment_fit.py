@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default="fortunes", help="as in scripts/bench_quality.py (fortunes, pydoc, a path)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = argparse.Namespace(batch=8, seq=64, width=64, layers=2, steps=args.steps, eval_every=args.steps)
+    cfg = argparse.Namespace(batch=8, seq=64, width=64, layers=2, init_range=None, steps=args.steps, eval_every=args.steps)
     text, _ = bq.load_corpus(args.corpus)
     tokens = bq.tokenize(text, 512)
     cut = int(0.9 * len(tokens))
