@@ -12,7 +12,7 @@ loss-vs-LR curve, several seeds. Optimizers:
 * ``SlimAdam int8 m``: ``momentum_dtype="int8"`` (block-quantized first moment);
 * ``SlimAdam robust``: ``robust=True`` (factored second moment: the rule's mean times the other dims' mean);
 * ``SlimAdam SNR``: rules derived by :mod:`slimadam_hf.snr.recorder` / :mod:`slimadam_hf.snr.rules`
-  from an AdamW proxy run at a 10x lower LR (the paper's recipe), pooled by role;
+  from an AdamW proxy run at a 10x lower LR (the paper's recipe; ``--snr-proxy-lr`` sets another), pooled by role;
 * ``Adalayer``: SlimAdamW with every >= 2-D tensor averaged over all its dims (one v per tensor);
 * ``Adafactor``: ``torch.optim.Adafactor`` (no momentum);
 * ``Adam-mini``: the ``adam-mini`` package, when installed.
@@ -324,18 +324,18 @@ def train_lm(
 
 
 def snr_overrides_for(arch: str, lr: float, data: dict[str, Any], cfg: argparse.Namespace, workdir: Path) -> tuple[Optional[dict], str]:
-    """Per-role rules from SNR measured along an AdamW proxy run at ``lr / 10``."""
+    """Per-role rules from SNR measured along an AdamW proxy run (seed 0) at ``lr``."""
     try:
         from slimadam_hf.snr.rules import key_infos, read_snr_csv, role_rules, role_rules_override, summarize_snr
     except ImportError as exc:
         return None, f"SlimAdam SNR: skipped, SNR tools not available ({exc})"
     csv = workdir / f"snr_{arch}.csv"
-    train_lm(arch, "AdamW", lr / 10, 0, data, cfg, recorder_path=csv)
+    train_lm(arch, "AdamW", lr, 0, data, cfg, recorder_path=csv)
     summaries = summarize_snr(read_snr_csv(csv), None)
     infos = key_infos(summaries, csv.with_name(csv.name + ".roles.json"), arch)
     rules = role_rules(summaries, infos, cutoff=1.0)
-    override = role_rules_override(rules, source=f"{arch} proxy at lr {lr / 10:g}")
-    return override, f"SlimAdam SNR ({arch}): role rules {override['rules']} (proxy AdamW at lr {lr / 10:g})"
+    override = role_rules_override(rules, source=f"{arch} proxy at lr {lr:g}")
+    return override, f"SlimAdam SNR ({arch}): role rules {override['rules']} (proxy AdamW at lr {lr:g})"
 
 
 def train_vit(opt_name: str, lr: float, seed: int, cfg: argparse.Namespace, digits: tuple) -> dict[str, Any]:
@@ -484,6 +484,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--init-range", type=float, default=None,
                         help="the LMs' initializer_range (default: the config's, 0.02)")
+    parser.add_argument("--snr-proxy-lr", type=float, default=None,
+                        help="LR of the AdamW run whose SNR gives 'SlimAdam SNR' its rules (default: the middle "
+                             "--lrs value / 10, the paper's proxy)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--val-batches", type=int, default=4)
     parser.add_argument("--vit-lr", type=float, default=3e-3)
@@ -531,7 +534,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for arch in cfg.archs:
             snr = None
             if "SlimAdam SNR" in optimizers:
-                snr, note = snr_overrides_for(arch, cfg.lrs[len(cfg.lrs) // 2], data, cfg, Path(tmp))
+                proxy_lr = cfg.snr_proxy_lr or cfg.lrs[len(cfg.lrs) // 2] / 10
+                snr, note = snr_overrides_for(arch, proxy_lr, data, cfg, Path(tmp))
                 notes.append(note)
             for lr in cfg.lrs:
                 for seed in cfg.seeds:

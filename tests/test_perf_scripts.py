@@ -49,6 +49,29 @@ def test_bench_quality_smoke(tmp_path):
     assert "Final validation loss" in (tmp_path / "quality.md").read_text()
 
 
+def test_bench_quality_snr_proxy_lr(tmp_path):
+    _run("bench_quality.py", "--smoke", "--out", str(tmp_path), "--archs", "bert", "--no-vit",
+         "--optimizers", "SlimAdam SNR", "--snr-proxy-lr", "0.0005")
+    assert "(proxy AdamW at lr 0.0005)" in (tmp_path / "quality.md").read_text()
+
+
+def test_ablate_roles_variants(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import ablate_roles
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert ablate_roles._variant_rules("token_embedding=fan_in+query") == {"token_embedding": "fan_in", "query": "none"}
+    assert ablate_roles._variant_name("key") == "full key"
+    _run("ablate_roles.py", "--arch", "bert", "--seeds", "0", "--steps", "3", "--baselines", "SlimAdam",
+         "--roles", "key", "token_embedding=fan_in+query", "--out", str(tmp_path), "--", "--smoke")
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert {r["optimizer"] for r in data["lm"]} == {"SlimAdam", "full key", "token_embedding=fan_in+query"}
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "ablate_roles.py"), "--arch", "bert", "--roles",
+                          "querry", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "--roles: ['querry'] are not bert roles" in bad.stderr
+
+
 def test_bench_memory_smoke(tmp_path):
     md = tmp_path / "memory.md"
     stdout = _run("bench_memory.py", "--smoke", "--output", str(md))
