@@ -39,10 +39,16 @@ def test_bench_step_first_step_child_times_a_fresh_process():
 
 def test_bench_quality_smoke(tmp_path):
     _run("bench_quality.py", "--smoke", "--out", str(tmp_path), "--archs", "gpt2", "bert", "--no-vit",
-         "--optimizers", "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam SNR", "Adalayer")
+         "--optimizers", "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam paper", "SlimAdam SNR", "Adalayer")
     data = json.loads((tmp_path / "quality.json").read_text())
     names = {r["optimizer"] for r in data["lm"]}
-    assert {"AdamW", "SlimAdam", "SlimAdam robust", "Adalayer"} <= names
+    assert {"AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam paper", "Adalayer"} <= names
+    final = {(r["arch"], r["optimizer"], r["lr"], r["seed"]): r["final_val"] for r in data["lm"]}
+    for arch, lr, seed in {(a, lr, s) for a, _, lr, s in final}:  # "SlimAdam" is the preset's default
+        default_is = "SlimAdam robust" if arch == "bert" else "SlimAdam paper"
+        other = "SlimAdam paper" if arch == "bert" else "SlimAdam robust"
+        assert final[arch, "SlimAdam", lr, seed] == final[arch, default_is, lr, seed], (arch, lr, seed)
+        assert final[arch, "SlimAdam", lr, seed] != final[arch, other, lr, seed], (arch, lr, seed)
     assert {r["arch"] for r in data["lm"]} == {"gpt2", "bert"}
     assert all(r["curve"] for r in data["lm"])
     assert (tmp_path / "quality_lr.png").stat().st_size > 0 and (tmp_path / "quality_steps.png").stat().st_size > 0

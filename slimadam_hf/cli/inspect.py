@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..core.options import SlimAdamConfig
 from ..rules.planner import plan_compression
 from .tasks import TASKS
 
@@ -78,7 +79,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         dtype = getattr(torch, dtype)
     model.to(dtype)
     plan = plan_compression(model, args.preset, args.overrides)
-    plan = plan.with_options(args.momentum_dtype, args.robust)
+    options = SlimAdamConfig(momentum_dtype=args.momentum_dtype, robust=args.robust).with_preset_options(
+        plan.preset_options
+    )
+    plan = plan.with_options(options.momentum_dtype, options.robust)
     print(plan.render(width=args.width, collapse_layers=not args.all_layers), end="")
     if args.json:
         print(f"plan written to {plan.save_json(args.json)}")

@@ -46,8 +46,9 @@ def _add_inspect(subparsers: Any) -> None:
     p.add_argument("--overrides", help="YAML override or authors' JSON rules file")
     p.add_argument("--momentum-dtype", choices=["float32", "bfloat16", "int8"],
                    help="storage of the first moment, for the memory totals (default: the parameters' dtype)")
-    p.add_argument("--robust", action="store_true",
-                   help="count the factored second moment of robust=True in the memory totals")
+    p.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
+                   help="count (or not) the factored second moment of robust=True in the memory totals "
+                        "(default: the preset's choice, on for bert)")
     p.add_argument("--all-layers", action="store_true", help="one row per tensor instead of collapsing layers")
     p.add_argument("--width", type=int, default=None, help="table width in characters (default: the terminal's)")
     p.add_argument("--json", help="also write the per-parameter plan as JSON to this path")

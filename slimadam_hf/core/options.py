@@ -13,7 +13,7 @@ import difflib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -143,10 +143,11 @@ class SlimAdamConfig:
     momentum_rounding: str = _option(
         "nearest", "how a bfloat16 first moment is rounded: nearest, or stochastic (unbiased, reproducible "
         "under a fixed seed)", "choice", choices=ROUNDINGS)
-    robust: bool = _option(
-        False, "factored second moment: compressed weights also keep the mean of g**2 over the other dims and use "
+    robust: Optional[bool] = _option(
+        None, "factored second moment: compressed weights also keep the mean of g**2 over the other dims and use "
         "v_rule*v_other/mean(v_rule) (a row and a column scale); holds AdamW's loss at high learning rates for "
-        "one extra entry per row/column; off = the paper's algorithm", "bool")
+        "one extra entry per row/column; false = the paper's algorithm; default: the preset's choice (on in "
+        "bert, off in the others)", "bool", preset_option=False)
     foreach: Optional[bool] = _option(
         None, "legacy switch: true = implementation=foreach, false = implementation=reference", "bool")
     probe_steps: Optional[int] = _option(
@@ -239,8 +240,18 @@ class SlimAdamConfig:
         return self.preset == AUTO_SNR_PRESET
 
     def optimizer_defaults(self) -> dict[str, Any]:
-        """The param-group defaults of :class:`~slimadam_hf.SlimAdamW`."""
-        return {f.name: getattr(self, f.name) for f in _OPTIMIZER_FIELDS}
+        """The param-group defaults of :class:`~slimadam_hf.SlimAdamW` (a preset option still unset: its fallback)."""
+        return {f.name: getattr(self.with_preset_options({}), f.name) for f in _OPTIMIZER_FIELDS}
+
+    def with_preset_options(self, options: Mapping[str, Any]) -> "SlimAdamConfig":
+        """This config with every preset option it leaves unset (``None``) taken from ``options`` (a preset's
+        ``options:``), else from the option's fallback; a value the user gave is kept."""
+        changes = {
+            name: options.get(name, f.metadata["preset_option"])
+            for name, f in PRESET_OPTIONS.items()
+            if getattr(self, name) is None
+        }
+        return self.replace(**changes) if changes else self
 
     def auto_snr_options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in _AUTO_SNR_FIELDS}
@@ -317,7 +328,8 @@ class SlimAdamConfig:
         """One line per ``--optim_args`` key: ``key (kind, default X): help``."""
         lines = []
         for key, f in cls.optim_arg_keys().items():
-            lines.append(f"{key} ({_kind_text(f)}, default {f.default}): {f.metadata['help']}")
+            default = "the preset's" if "preset_option" in f.metadata else f.default
+            lines.append(f"{key} ({_kind_text(f)}, default {default}): {f.metadata['help']}")
         return lines
 
 
@@ -339,4 +351,28 @@ _OPTIMIZER_FIELDS = tuple(
 _AUTO_SNR_FIELDS = tuple(
     f for f in dataclasses.fields(SlimAdamConfig) if f.name in ("probe_steps", "probe_every", "cutoff", "select", "by_role")
 )
+PRESET_OPTIONS: dict[str, dataclasses.Field] = {
+    f.name: f for f in dataclasses.fields(SlimAdamConfig) if "preset_option" in f.metadata
+}
+"""Options a preset may set in its ``options:`` (the metadata holds the fallback when neither does)."""
+
+
+def parse_preset_options(raw: Any, where: str, error: type[ValueError] = OptionsError) -> dict[str, Any]:
+    """A preset's ``options:`` mapping, checked: known keys only, each value of its option's kind."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise error(f"{where}: 'options' is a mapping of option -> value, e.g. {{robust: true}}; got {raw!r}")
+    options = {}
+    for key, value in raw.items():
+        f = PRESET_OPTIONS.get(key)
+        if f is None:
+            raise error(
+                f"{where}: options: {key!r} cannot be set by a preset; valid keys: {', '.join(PRESET_OPTIONS)} "
+                "(give other options to the optimizer, e.g. --optim_args)"
+            )
+        if f.metadata["kind"] == "bool" and not isinstance(value, bool):
+            raise error(f"{where}: options: {key}={value!r}; write true or false")
+        options[key] = value
+    return options
 

@@ -114,7 +114,8 @@ class SlimAdamW(Optimizer):
             ``v_rule * v_complement / mean(v_rule)``, so a weight keeps a row and a column scale. It holds
             AdamW's loss at high learning rates where the paper's update falls behind; it costs one entry
             per row plus one per column (``exp_avg_sq_complement``). ``False`` is the paper's algorithm.
-            One process, DDP and FSDP2 (the complement is replicated); refused under DeepSpeed ZeRO.
+            (``build_slimadam`` and ``--optim_args`` take a preset's default: on for bert.)
+            Every engine: one process, DDP, FSDP2 (the complement is replicated) and DeepSpeed ZeRO 1/2/3.
 
     With no compression the update is exactly ``torch.optim.AdamW`` (``amsgrad=False``).
     State per parameter: ``step``, ``exp_avg`` (parameter shape; parameter dtype or ``momentum_dtype``) and ``exp_avg_sq``

@@ -64,7 +64,8 @@ def build_slimadam(
             ``weight_decay`` (applied to the parameters the HF Trainer decays: not biases, not norms),
             ``implementation``, ``momentum_dtype``, ...
 
-    The plan is kept as ``optimizer.plan``.
+    Options the preset sets by default (its ``options:``, e.g. ``robust`` in the bert preset) apply where
+    neither ``config`` nor ``options`` gives a value. The plan is kept as ``optimizer.plan``.
     """
     if config is None:
         config = SlimAdamConfig.from_kwargs("build_slimadam", preset=preset, overrides=overrides, **options)
@@ -76,6 +77,7 @@ def build_slimadam(
             "slimadam_hf.build_auto_snr(model, probe_steps=N, ...)"
         )
     plan = plan if plan is not None else plan_compression(model, config.preset, config.overrides)
+    config = config.with_preset_options(plan.preset_options)
     plan = plan.with_options(config.momentum_dtype, config.robust)
     optimizer = SlimAdamW.from_config(slimadam_param_groups(model, plan, config.weight_decay), config)
     optimizer.plan = plan

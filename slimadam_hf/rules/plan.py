@@ -119,6 +119,9 @@ class CompressionPlan:
     """How the optimizer stores the first moment (``SlimAdamConfig.momentum_dtype``); counts in the bytes."""
     robust: bool = False
     """``SlimAdamConfig.robust``: compressed weights also keep ``exp_avg_sq_complement``; counts in the bytes."""
+    preset_options: dict[str, Any] = field(default_factory=dict)
+    """The optimizer options the preset (and override) set by default (``options:``, e.g. bert's ``robust``);
+    :meth:`~slimadam_hf.SlimAdamConfig.with_preset_options` applies them where the user gave none."""
 
     def __getitem__(self, name: str) -> PlanEntry:
         for entry in self.entries:
@@ -216,6 +219,7 @@ class CompressionPlan:
             "warnings": list(self.warnings),
             "momentum_dtype": self.momentum_dtype,
             "robust": self.robust,
+            "preset_options": dict(self.preset_options),
             "parameters": [e.to_dict() for e in self.entries],
         }
 

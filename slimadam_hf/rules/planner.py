@@ -198,7 +198,9 @@ def plan_compression(
     if warnings:
         logger.warning("SlimAdam plan: %d trainable matrices keep a full second moment:\n  %s",
                        len(warnings), "\n  ".join(planner.unmatched))
-    return CompressionPlan(entries, merged.name, getattr(config, "model_type", None), warnings)
+    return CompressionPlan(
+        entries, merged.name, getattr(config, "model_type", None), warnings, preset_options=dict(merged.options)
+    )
 
 
 def _check_preset_fits(

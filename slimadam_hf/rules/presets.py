@@ -21,6 +21,8 @@ Schema (a preset file and an override file share it)::
     params:                                # exact parameter name -> [dims] | null
       lm_head.weight: [1]
       transformer.h.0.attn.c_attn.weight[value]: null   # one part of a split weight, by role
+    options:                               # optimizer defaults for this family; the user's value wins
+      robust: true
 
 Patterns are regexes anchored at both ends, matched against the whole parameter name or any dotted
 suffix of it, after wrapper prefixes are stripped (:func:`canonical_name`). A JSON file in the paper
@@ -39,6 +41,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from ..core.compress_spec import parse_dims
+from ..core.options import parse_preset_options
 from .layouts import Layout
 from .roles import Rule, RuleError, check_role, check_rule
 
@@ -156,7 +159,8 @@ class RolePattern:
 
 @dataclass(frozen=True)
 class Preset:
-    """A parsed preset (or override): patterns -> roles, role -> rule overrides, exact params."""
+    """A parsed preset (or override): patterns -> roles, role -> rule overrides, exact params, and the
+    optimizer options it sets by default (``options``)."""
 
     name: str
     model_types: tuple[str, ...] = ()
@@ -164,20 +168,22 @@ class Preset:
     patterns: tuple[RolePattern, ...] = ()
     rules: dict[str, Rule] = field(default_factory=dict)
     params: dict[str, Optional[tuple[int, ...]]] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     source: str = "?"
 
     def merged_with(self, override: "Preset") -> "Preset":
-        """``override`` on top of this preset: its patterns first, its rules and params win."""
+        """``override`` on top of this preset: its patterns first, its rules, params and options win."""
         return replace(
             self,
             name=f"{self.name}+{override.name}",
             patterns=override.patterns + self.patterns,
             rules={**self.rules, **override.rules},
             params={**self.params, **override.params},
+            options={**self.options, **override.options},
         )
 
 
-_TOP_KEYS = {"name", "model_types", "description", "roles", "rules", "params"}
+_TOP_KEYS = {"name", "model_types", "description", "roles", "rules", "params", "options"}
 _ENTRY_KEYS = {"pattern", "role", "split", "layout", "dims"}
 
 
@@ -238,6 +244,7 @@ def parse_preset(data: Any, source: str) -> Preset:
         patterns=patterns,
         rules=rules,
         params=params,
+        options=parse_preset_options(data.get("options"), source, error=PresetError),
         source=source,
     )
 

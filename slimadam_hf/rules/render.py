@@ -34,11 +34,16 @@ def format_bytes(n: float) -> str:
 
 
 def header_clauses(plan: "CompressionPlan") -> list[str]:
-    """The header in two clauses: ``SlimAdam plan: preset P (model_type T)``, ``N trainable tensors, M parameters``."""
-    return [
+    """The header's clauses: ``SlimAdam plan: preset P (model_type T)``, ``N trainable tensors, M parameters``,
+    and ``robust=True`` when the optimizer keeps factored second moments (noting a preset's default)."""
+    clauses = [
         f"SlimAdam plan: preset {plan.preset} (model_type {plan.model_type})",
         f"{len(plan.entries)} trainable tensors, {plan.num_parameters:,} parameters",
     ]
+    if plan.robust:
+        by_preset = plan.preset_options.get("robust") is True
+        clauses.append("robust=True" + (f" (preset {plan.preset}'s default)" if by_preset else ""))
+    return clauses
 
 
 def header_line(plan: "CompressionPlan") -> str:

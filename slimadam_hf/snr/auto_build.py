@@ -33,7 +33,8 @@ def build_auto_snr(
     Args:
         model: the model to train.
         preset, overrides: only name roles and splits (which tensors are measured, how fused weights are
-            cut, what ``by_role`` pools); their compression rules are not used. ``"auto-snr"`` reads as ``"auto"``.
+            cut, what ``by_role`` pools) and set their option defaults (``robust`` for bert); their compression
+            rules are not used. ``"auto-snr"`` reads as ``"auto"``.
         config: a :class:`slimadam_hf.SlimAdamConfig` with ``preset="auto-snr"``; ``options`` override it.
         **options: :class:`slimadam_hf.SlimAdamConfig` fields: ``probe_steps`` (required), ``probe_every``,
             ``cutoff``, ``select``, ``by_role``, and the update options (``lr``, ``weight_decay``, ...).
@@ -50,6 +51,7 @@ def build_auto_snr(
                 "whole second moments. Derive rules on a proxy (slimadam rules --by-role) and pass config="
             )
     plan = plan_compression(model, preset, overrides)
+    config = config.with_preset_options(plan.preset_options)
     probe_plan = plan_with_specs(plan, [], {}, "auto-snr probe")
     optimizer = AutoSNRSlimAdamW(
         slimadam_param_groups(model, probe_plan, config.weight_decay),
