@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_robust_fast_paths_equal_the_reference_on_a_split_weight(implementation,
 
 
 @pytest.mark.parametrize("implementation", ["foreach", "fused"])
-def test_robust_resumes_bitwise_and_converts_other_checkpoints(tmp_path, implementation):
+def test_robust_resumes_bitwise_and_converts_other_checkpoints(tmp_path, implementation, caplog):
     grads, p0 = _skewed_grads(5), torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     whole = _train(implementation, True, grads, p0)
     first = _train(implementation, True, grads[:3], p0)
@@ -117,11 +118,14 @@ def test_robust_resumes_bitwise_and_converts_other_checkpoints(tmp_path, impleme
         p.grad = g.clone()
         resumed.step()
     assert torch.equal(p.detach(), _param(whole))
+    assert "robust=False" not in caplog.text
 
     # a paper (robust=False) checkpoint: the complement starts at v's mean, so v_hat == v at first
     plain = _train("foreach", False, grads[:3], p0)
     live = SlimAdamW([{"params": [torch.nn.Parameter(p0.clone())], "compress": [(1,)]}], robust=True, **HYPER)
-    live.load_state_dict(plain.state_dict())
+    with caplog.at_level(logging.WARNING, logger="slimadam_hf"):
+        live.load_state_dict(plain.state_dict())
+    assert "saved with robust=False; resuming with robust=True" in caplog.text  # the update changes: say so
     (state,) = live.state.values()
     assert torch.equal(state[STATE_KEY], state["exp_avg_sq"].mean().expand(1, 64))
     # a torch AdamW checkpoint: both means come from its full second moment

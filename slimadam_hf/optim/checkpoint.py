@@ -62,7 +62,7 @@ def _second_moments(
     live plan."""
     moments: dict[Any, Tensor] = {}
     complements: dict[Any, Tensor] = {}
-    converted = 0
+    converted = derived = 0
     for live, saved in zip(optimizer.param_groups, saved_groups):
         live_specs = optimizer._group_specs(live)
         from_adamw = "amsgrad" in saved  # a torch.optim.AdamW group
@@ -100,8 +100,15 @@ def _second_moments(
                 complement = _complement(saved_complement, full, v, p, live_spec, name)
                 if complement is not None:
                     complements[key] = complement
+                    if saved_complement is None and full is None:  # a robust=False SlimAdamW checkpoint
+                        derived += 1
     if converted:
         logger.info("SlimAdamW: converted %d full AdamW second moments by averaging over the plan's dims", converted)
+    if derived:
+        logger.warning(
+            "SlimAdamW: the checkpoint was saved with robust=False; resuming with robust=True (given, or the "
+            "preset's default, as for bert) from %d complements made from its second moments. Pass robust=false "
+            "to go on with the paper's update", derived)
     return moments, complements
 
 
