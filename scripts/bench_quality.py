@@ -243,8 +243,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snr_overrides: Option
 
 
 ALL_OPTIMIZERS = [
-    "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam paper", "SlimAdam bf16 m", "SlimAdam bf16 m stochastic", "SlimAdam int8 m",
-    "SlimAdam SNR",
+    "AdamW", "SlimAdam", "SlimAdam robust", "SlimAdam paper", "SlimAdam bf16 m", "SlimAdam bf16 m stochastic",
+    "SlimAdam int8 m", "SlimAdam SNR",
     "SlimAdam full emb", "Adalayer", "Adafactor", "Adam-mini",
 ]
 # "SlimAdam paper" differs from "SlimAdam" only where a preset turns robust on (bert): asked for by name

@@ -241,7 +241,8 @@ class SlimAdamConfig:
 
     def optimizer_defaults(self) -> dict[str, Any]:
         """The param-group defaults of :class:`~slimadam_hf.SlimAdamW` (a preset option still unset: its fallback)."""
-        return {f.name: getattr(self.with_preset_options({}), f.name) for f in _OPTIMIZER_FIELDS}
+        resolved = self.with_preset_options({})
+        return {f.name: getattr(resolved, f.name) for f in _OPTIMIZER_FIELDS}
 
     def with_preset_options(self, options: Mapping[str, Any]) -> "SlimAdamConfig":
         """This config with every preset option it leaves unset (``None``) taken from ``options`` (a preset's
